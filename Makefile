@@ -1,0 +1,29 @@
+# The two commands: `make run` starts lmserve on the built-in demo model; `make test` runs every test.
+# Both create .venv when it is missing and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of PyTorch (a plain `torch` pulls a multi-GB CUDA build). Override on a GPU machine.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install lint
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/lmserve demo
+
+test: $(STAMP)
+	scripts/install-test-deps.sh
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lmserve tests
+	$(VENV)/bin/mypy

@@ -1,0 +1,21 @@
+"""The one entry point: `lmserve <command>`. Each command is a thin call into a package."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="lmserve",
+    help="Serve open large language models: engine, OpenAI-compatible server, gateway.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
