@@ -190,6 +190,7 @@ class Engine:
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens or 0,
+            queue_seconds=None if seq.first_scheduled_time is None else seq.first_scheduled_time - seq.arrival_time,
         )
 
     def _forget_if_done(self, request_id: str) -> None:

@@ -19,6 +19,8 @@ class SequenceOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    queue_seconds: float | None = None
+    """Time from arrival to first being scheduled (None until scheduled)."""
 
     @property
     def finished(self) -> bool:
