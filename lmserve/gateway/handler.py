@@ -30,6 +30,7 @@ from lmserve.gateway.validation import body_too_large, parse_json, prompt_text, 
 log = logging.getLogger("lmserve.gateway.access")
 _PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 _RANK_PRIORITY = ("high", "normal", "low")
+_WATCH_AFTER = 0.05
 
 
 class _Abort:
@@ -147,10 +148,15 @@ class ProxyHandler:
             self.router.release_slot(req.pool)
 
     async def _guarded(self, work: Any, receive: Receive, result: ProxyResult) -> None:
-        """Runs `work`; cancels it when the client disconnects or the total timeout passes."""
+        """Runs `work`; cancels it when the client disconnects or the total timeout passes.
+
+        The disconnect watcher is a task, started only once a request has run for
+        `_WATCH_AFTER` seconds: quick requests (most of them) never pay for it.
+        """
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         abort = _Abort()
+        watcher: list[asyncio.Task[None]] = []
 
         def cancel(reason: str) -> None:
             if abort.reason is None and task is not None:
@@ -162,7 +168,10 @@ class ProxyHandler:
             if message["type"] == "http.disconnect":
                 cancel("disconnect")
 
-        watcher = loop.create_task(watch())
+        def start_watch() -> None:
+            watcher.append(loop.create_task(watch()))
+
+        watch_timer = loop.call_later(_WATCH_AFTER, start_watch)
         timer = loop.call_later(self.config.timeouts.total, cancel, "timeout")
         try:
             await work
@@ -177,7 +186,9 @@ class ProxyHandler:
             result.status = 499
         finally:
             timer.cancel()
-            watcher.cancel()
+            watch_timer.cancel()
+            if watcher:
+                watcher[0].cancel()
 
     async def _serve_cached(self, req: ProxyRequest, send: Send, result: ProxyResult, fresh_only: bool) -> bool:
         if self.cache is None or req.cache_key is None:

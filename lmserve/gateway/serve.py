@@ -39,6 +39,7 @@ def run_gateway(config: GatewayConfig) -> None:
         access_log=False, log_config=None, log_level=config.log_level, backlog=4096,
         ssl_certfile=config.tls_certfile, ssl_keyfile=config.tls_keyfile,
         timeout_graceful_shutdown=int(config.drain_seconds), timeout_keep_alive=30,
+        proxy_headers=False, server_header=False, date_header=False,
     )
     server = _DrainingServer(uv_config, gateway)
     log.info("lmserve gateway listening on %s://%s:%d with %d model(s)",

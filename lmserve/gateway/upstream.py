@@ -49,6 +49,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.is_head_done = False
+        self.is_keep_alive = False
         self.is_complete = False
         self.error: UpstreamError | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -78,6 +79,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        # Read here: llhttp resets its flags once the message completes.
+        self.is_keep_alive = self.parser.should_keep_alive()
         self.is_head_done = True
         self._wake()
 
@@ -172,7 +175,7 @@ class UpstreamResponse:
         self._is_released = True
         conn = self._conn
         reusable = (conn.is_complete and conn.error is None and conn.is_open
-                    and conn.parser.should_keep_alive() and not conn.chunks)
+                    and conn.is_keep_alive and not conn.chunks)
         if reusable and len(self._origin.idle) < self._pool.max_idle:
             conn._reset()
             self._origin.idle.append(conn)
