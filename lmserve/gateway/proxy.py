@@ -1,7 +1,8 @@
 """Forwarding one request: attempts over backends and fallback models, then relaying the response.
 
 Rules:
-- A request is retried (on another backend, within the retry budget and `max_attempts` per model)
+- A request is retried (on another backend, within the retry budget and `max_attempts` per model;
+  retries after a refused connection do not spend the budget, as no backend did any work)
   only while no byte has gone to the client: connect errors, timeouts before the first byte,
   retryable statuses (429/502/503/504 by default), and a backend that breaks off before its first
   body byte (streams) or before the end of its body (non-streamed responses, which are read whole).
@@ -76,10 +77,12 @@ class ProxyResult:
 class _Retry(Exception):
     """This attempt failed before any byte reached the client; try another backend."""
 
-    def __init__(self, status: int, message: str, response: tuple[int, list[tuple[bytes, bytes]], bytes] | None):
+    def __init__(self, status: int, message: str, response: tuple[int, list[tuple[bytes, bytes]], bytes] | None,
+                 is_connect: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.response = response
+        self.is_connect = is_connect
 
 
 def response_headers(upstream: list[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -113,7 +116,9 @@ class Forwarder:
                     break
                 tried.add(backend)
                 if num_attempts > 0:
-                    if not self.router.retry_budget.try_retry():
+                    # A retry after a refused connection is free: no backend did any work.
+                    is_free = last is not None and last.is_connect
+                    if not is_free and not self.router.retry_budget.try_retry():
                         return self._give_up(last, budget_spent=True)
                     result.num_retries += 1
                 if not backend.breaker.acquire():
@@ -169,7 +174,8 @@ class Forwarder:
                                                        self.timeouts.connect, self.timeouts.first_byte)
             except UpstreamError as exc:
                 outcome = False
-                raise _Retry(504 if exc.is_timeout else 502, str(exc), None) from None
+                raise _Retry(504 if exc.is_timeout else 502, str(exc), None,
+                             is_connect=exc.is_connect and not exc.is_timeout) from None
             ttfb = time.monotonic() - started
             try:
                 result.model, result.backend = pool.name, backend.url
