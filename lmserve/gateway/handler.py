@@ -75,7 +75,7 @@ class ProxyHandler:
         try:
             raw = await read_body(receive, self.limits.max_body_bytes, headers.get(b"content-length"),
                                   body_too_large)
-            req = await self._admit(scope, headers, raw, request_id, span)
+            req = await self._admit(scope, headers, raw, request_id, span, result)
             await self._serve(req, receive, send, result)
         except GatewayError as error:
             result.status = error.status
@@ -93,7 +93,7 @@ class ProxyHandler:
             self._finish(scope, req, result, started, request_id, span)
 
     async def _admit(self, scope: dict[str, Any], headers: dict[bytes, bytes], raw: bytes, request_id: bytes,
-                     span: Any) -> ProxyRequest:
+                     span: Any, result: ProxyResult) -> ProxyRequest:
         principal = await self.auth.authenticate(headers.get(b"authorization"))
         path = scope["path"].encode()
         body = parse_json(raw)
@@ -101,6 +101,7 @@ class ProxyHandler:
         pool = self.router.resolve(model)
         if pool is None:
             raise not_found(f"The model `{model}` does not exist.", "model_not_found", "model")
+        result.model = pool.name
         if not (principal.may_use(model) or principal.may_use(pool.name)):
             raise forbidden(f"This key may not use the model `{model}`.")
         extra: list[tuple[bytes, bytes]] = [(b"x-request-id", request_id)]
@@ -195,9 +196,11 @@ class ProxyHandler:
             return False
         hit = await self.cache.get(req.cache_key)
         is_fresh = hit is not None and hit[1] <= self.config.cache.ttl
-        self.metrics.cache.labels("hit" if is_fresh else ("stale" if hit else "miss")).inc()
         if hit is None or (fresh_only and not is_fresh):
+            if fresh_only:
+                self.metrics.cache.labels("miss").inc()
             return False
+        self.metrics.cache.labels("hit" if is_fresh else "stale").inc()
         result.status, result.model, result.is_cache_hit = 200, req.pool.name, True
         state = b"hit" if is_fresh else b"stale"
         self.ledger.add(req.principal.id, req.pool.name, 0, 0, 0)
