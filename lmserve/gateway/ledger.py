@@ -22,6 +22,7 @@ class UsageLedger:
         self.interval = interval
         self._pending: dict[tuple[str, str], list[int]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     def add(self, key_id: str, model: str, prompt_tokens: int, completion_tokens: int,
             cached_tokens: int) -> None:
@@ -38,8 +39,12 @@ class UsageLedger:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
+        # Stopped through an event, never cancelled: a batch being written is never lost mid-way.
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
             await self.flush()
 
     async def flush(self) -> None:
@@ -57,10 +62,7 @@ class UsageLedger:
                     row[i] += v
 
     async def close(self) -> None:
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await self._task
         await self.flush()
