@@ -9,7 +9,6 @@ API takes effect at once). Concurrent misses for one key share one database read
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import json
 import time
@@ -51,6 +50,21 @@ ANONYMOUS = Principal("anonymous", "anonymous", None, None, None, None, None)
 def _from_key(record: KeyRecord) -> Principal:
     return Principal(record.id, record.name, record.tenant, record.models, record.rpm, record.tpm,
                      record.budget_tokens, record.priority)
+
+
+_Entry = tuple[Principal | None, str, float | None, float]
+
+
+def _entry(record: KeyRecord | None, key_hash: str, keys: dict[str, tuple[KeyRecord | None, float]]) -> _Entry:
+    """The hot-path cache entry for a looked-up key: (principal or None, refusal message, expiry
+    epoch, re-read after); valid as long as the record's cache entry."""
+    valid_until = keys[key_hash][1] if key_hash in keys else time.monotonic()
+    if record is None:
+        return None, "Invalid or missing API key.", None, valid_until
+    if record.revoked_at is not None:
+        return None, "This API key has been revoked.", None, valid_until
+    expires_at = record.expires_at.timestamp() if record.expires_at is not None else None
+    return _from_key(record), "", expires_at, valid_until
 
 
 class JWTVerifier:
@@ -120,6 +134,8 @@ class Authenticator:
         self._keys: dict[str, tuple[KeyRecord | None, float]] = {}
         self._pending: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._tokens: dict[str, tuple[Principal, float]] = {}
+        # The hot path reads only this (see `_entry`).
+        self._principals: dict[str, _Entry] = {}
 
     async def authenticate(self, authorization: bytes | None) -> Principal:
         if not authorization:
@@ -131,15 +147,18 @@ class Authenticator:
         token = authorization[7:].strip().decode("latin-1")
         if self.jwt is not None and token.count(".") == 2 and token.startswith("eyJ"):
             return self._verify_jwt(token)
-        record = await self._lookup(hash_key(token))
-        now = dt.datetime.now(dt.timezone.utc)
-        if record is None:
-            raise unauthorized()
-        if record.revoked_at is not None:
-            raise unauthorized("This API key has been revoked.")
-        if record.is_expired(now):
+        key_hash = hash_key(token)
+        now = time.time()
+        cached = self._principals.get(key_hash)
+        if cached is None or time.monotonic() >= cached[3]:
+            cached = _entry(await self._lookup(key_hash), key_hash, self._keys)
+            self._principals[key_hash] = cached
+        principal, refusal, expires_at, _ = cached
+        if principal is None:
+            raise unauthorized(refusal)
+        if expires_at is not None and now >= expires_at:
             raise unauthorized("This API key has expired.")
-        return _from_key(record)
+        return principal
 
     def _verify_jwt(self, token: str) -> Principal:
         now = time.time()
@@ -180,6 +199,7 @@ class Authenticator:
         for key_hash, (record, _) in list(self._keys.items()):
             if record is not None and record.id == key_id:
                 del self._keys[key_hash]
+                self._principals.pop(key_hash, None)
 
 
 def token_fingerprint(token: str) -> str:

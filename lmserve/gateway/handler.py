@@ -33,13 +33,42 @@ _RANK_PRIORITY = ("high", "normal", "low")
 _WATCH_AFTER = 0.05
 
 
-class _Abort:
-    """Why the request task was cancelled by the gateway (client left, or the total timeout)."""
+class _Guard:
+    """Cancels a request task when its client disconnects or its total timeout passes.
 
-    __slots__ = ("reason",)
+    Quick requests (most of them) cost one timer: the disconnect watcher task and the total-timeout
+    timer are set up only once the request has run for `_WATCH_AFTER` seconds.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("task", "receive", "total", "reason", "watcher", "timer")
+
+    def __init__(self, task: asyncio.Task[Any] | None, receive: Receive, total: float) -> None:
+        self.task = task
+        self.receive = receive
+        self.total = total
         self.reason: str | None = None
+        self.watcher: asyncio.Task[None] | None = None
+        self.timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, self._arm)
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.watcher = loop.create_task(self._watch())
+        self.timer = loop.call_later(max(0.0, self.total - _WATCH_AFTER), self.cancel, "timeout")
+
+    async def _watch(self) -> None:
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            self.cancel("disconnect")
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None and self.task is not None:
+            self.reason = reason
+            self.task.cancel()
+
+    def close(self) -> None:
+        self.timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 def _priority(requested: bytes | None, principal: Principal) -> str:
@@ -129,7 +158,7 @@ class ProxyHandler:
             self.metrics.shed.labels(req.pool.name, req.priority).inc()
             raise GatewayError(429, f"The model `{req.pool.name}` is overloaded; retry shortly.",
                                "rate_limit_error", "overloaded", headers=[(b"retry-after", b"1")])
-        in_flight = self.metrics.in_flight.labels(req.pool.name)
+        in_flight = self.metrics.child(self.metrics.in_flight, req.pool.name)
         in_flight.inc()
         try:
             if self.cache is not None and is_cacheable(req.body):
@@ -149,47 +178,22 @@ class ProxyHandler:
             self.router.release_slot(req.pool)
 
     async def _guarded(self, work: Any, receive: Receive, result: ProxyResult) -> None:
-        """Runs `work`; cancels it when the client disconnects or the total timeout passes.
-
-        The disconnect watcher is a task, started only once a request has run for
-        `_WATCH_AFTER` seconds: quick requests (most of them) never pay for it.
-        """
+        """Runs `work`; cancels it when the client disconnects or the total timeout passes."""
         task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        abort = _Abort()
-        watcher: list[asyncio.Task[None]] = []
-
-        def cancel(reason: str) -> None:
-            if abort.reason is None and task is not None:
-                abort.reason = reason
-                task.cancel()
-
-        async def watch() -> None:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                cancel("disconnect")
-
-        def start_watch() -> None:
-            watcher.append(loop.create_task(watch()))
-
-        watch_timer = loop.call_later(_WATCH_AFTER, start_watch)
-        timer = loop.call_later(self.config.timeouts.total, cancel, "timeout")
+        guard = _Guard(task, receive, self.config.timeouts.total)
         try:
             await work
         except asyncio.CancelledError:
-            if abort.reason is None:
+            if guard.reason is None:
                 raise
             if task is not None and hasattr(task, "uncancel"):  # Python 3.11+
                 task.uncancel()
-            if abort.reason == "timeout":
+            if guard.reason == "timeout":
                 raise GatewayError(504, "The request took longer than the gateway's total timeout.",
                                    "timeout_error", "timeout") from None
             result.status = 499
         finally:
-            timer.cancel()
-            watch_timer.cancel()
-            if watcher:
-                watcher[0].cancel()
+            guard.close()
 
     async def _serve_cached(self, req: ProxyRequest, send: Send, result: ProxyResult, fresh_only: bool) -> bool:
         if self.cache is None or req.cache_key is None:
@@ -221,8 +225,8 @@ class ProxyHandler:
             prompt = len(prompt_text(req.body, self.limits.max_prompt_chars)) // 4
         self.ledger.add(req.principal.id, result.model or req.pool.name, prompt, completion, cached)
         if prompt or completion:
-            self.metrics.tokens.labels(result.model, "prompt").inc(prompt)
-            self.metrics.tokens.labels(result.model, "completion").inc(completion)
+            self.metrics.child(self.metrics.tokens, result.model, "prompt").inc(prompt)
+            self.metrics.child(self.metrics.tokens, result.model, "completion").inc(completion)
             if has_limits(req.principal):
                 await self.limiter.record_tokens(req.principal, prompt + completion)
         if data is not None and req.cache_key is not None and self.cache is not None:
@@ -245,10 +249,11 @@ class ProxyHandler:
         if req is not None and result.is_started and not result.is_recorded:
             # The client left mid-response: account what was streamed (no await: the task is ending).
             asyncio.get_running_loop().create_task(self.on_complete(req, result, None))
-        self.metrics.requests.labels(model, result.backend, str(result.status)).inc()
-        self.metrics.latency.labels(model).observe(elapsed)
+        metrics = self.metrics
+        metrics.child(metrics.requests, model, result.backend, str(result.status)).inc()
+        metrics.child(metrics.latency, model).observe(elapsed)
         if result.ttfb is not None:
-            self.metrics.ttfb.labels(model, result.backend).observe(result.ttfb)
+            metrics.child(metrics.ttfb, model, result.backend).observe(result.ttfb)
         if result.num_retries:
             self.metrics.retries.labels(model).inc(result.num_retries)
         if self.config.access_log:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -37,6 +39,16 @@ class GatewayMetrics:
                             ["model", "priority"], registry=r)
         self.in_flight = Gauge("lmserve_gateway_in_flight", "Requests in flight.", ["model"], registry=r)
         self.cache = Counter("lmserve_gateway_cache", "Response cache lookups.", ["result"], registry=r)
+
+        self._children: dict[tuple[object, ...], object] = {}
+
+    def child(self, metric: object, *labels: str) -> Any:
+        """`metric.labels(*labels)`, memoised: the hot path skips prometheus_client's lock and checks."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)  # type: ignore[attr-defined]
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -34,7 +34,7 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"c
                          b"server", b"proxy-connection", b"upgrade", b"te", b"trailer"})
 
 
-@dataclass
+@dataclass(slots=True)
 class ProxyRequest:
     """One client request after auth and validation; the body was parsed once, into `body`."""
 
@@ -56,7 +56,7 @@ class ProxyRequest:
     """Set when the response may be cached."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ProxyResult:
     """What happened, for metrics, logs, the ledger and limits. `usage` is (prompt, completion, cached)."""
 
