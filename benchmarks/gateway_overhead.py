@@ -144,7 +144,8 @@ def start_vllm_router(upstream: str, tmp: Path) -> Target:
     port = free_port()
     proc = subprocess.Popen(pinned(GATEWAY_CORE, [str(venv / "bin" / "vllm-router"), "--host", "127.0.0.1",
                                                   "--port", str(port), "--worker-urls", upstream,
-                                                  "--policy", "round_robin", "--log-level", "warning"]),
+                                                  "--policy", "round_robin", "--log-level", "warning",
+                                                  "--prometheus-port", str(free_port())]),
                             cwd=tmp, stdout=subprocess.DEVNULL, stderr=open(tmp / "vllm-router.log", "wb"))
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", timeout=120, proc=proc)

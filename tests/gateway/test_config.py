@@ -55,3 +55,9 @@ def test_invalid_config_is_a_clear_value_error(tmp_path: Path, yaml_text: str, m
     path.write_text(yaml_text)
     with pytest.raises(ValueError, match=message):
         load_config(path, env={})
+
+
+def test_example_config_loads() -> None:
+    config = load_config(Path(__file__).parents[2] / "lmserve" / "gateway" / "example.yaml", env={})
+    assert [m.name for m in config.models] == ["llama-3.1-8b", "qwen2.5-7b"]
+    assert config.models[0].strategy == "prefix_affinity" and config.cache.enabled

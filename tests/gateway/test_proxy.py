@@ -259,3 +259,39 @@ def test_canary_split_between_two_versions(backends, gateway_factory, tmp_path: 
     counts = distribution(gw, key, "chat", 100)
     assert counts["a"] + counts["b"] == 100
     assert 6 <= counts["b"] <= 36  # 20% of 100 = 20, binomial sd 4
+
+
+def test_stream_is_passed_through_chunk_by_chunk(backends, gateway_factory, tmp_path: Path) -> None:
+    a = backends("a")
+    a.control(chunk_delay=0.3, content="abcdefgh", chunk_chars=1)  # 8 chunks over ~2.4 s
+    gw = gateway_factory(base_config(tmp_path, [{"name": "m", "backends": [{"url": a.url}]}]))
+    key = gw.create_key()
+    with _CLIENT.stream("POST", gw.url + "/v1/chat/completions", json={"model": "m", "stream": True, **CHAT},
+                        headers={"authorization": f"Bearer {key}"}) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        # The first event arrived while the backend is still generating the rest.
+        assert a.stats()["in_flight"] == 1 and a.stats()["streams_finished"] == 0
+        assert json.loads(first[6:])["choices"][0]["delta"]["content"] == "a"
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and len(rest) == 8
+
+
+def test_timeouts_first_byte_then_total(backends, gateway_factory, tmp_path: Path) -> None:
+    slow, fast = backends("slow"), backends("fast")
+    slow.control(delay=3.0)
+    config = base_config(tmp_path, [{"name": "m", "backends": [{"url": slow.url}, {"url": fast.url}]},
+                                    {"name": "alone", "backends": [{"url": slow.url}]},
+                                    {"name": "stuck", "backends": [{"url": fast.url}]}],
+                         timeouts={"connect": 1.0, "first_byte": 1.0, "total": 2.0})
+    gw = gateway_factory(config)
+    key = gw.create_key()
+    # A backend silent past the first-byte timeout is abandoned and the request retried elsewhere.
+    names = [chat(gw.url, key).headers.get("x-backend-name") for _ in range(2)]
+    assert names == ["fast", "fast"]
+    alone = chat(gw.url, key, "alone")
+    assert alone.status_code == 504 and alone.json()["error"]["type"] == "upstream_error"
+    # Head in time, then a body that never ends: the total timeout ends it with a 504.
+    fast.control(hang_body=True)
+    stuck = chat(gw.url, key, "stuck")
+    assert stuck.status_code == 504 and stuck.json()["error"]["code"] == "timeout"

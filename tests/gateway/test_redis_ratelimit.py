@@ -110,3 +110,21 @@ def test_lower_priority_is_shed_first(backends, gateway_factory, tmp_path: Path)
     # The header may lower a request's priority but never raise it above its key's.
     a.control(delay=0)
     assert post(gw.url, key, headers={"x-priority": "high"}).status_code == 200
+
+
+def test_response_cache_is_shared_through_redis(backends, gateway_factory, tmp_path: Path, redis_url: str) -> None:
+    a = backends("a")
+    config = base_config(tmp_path, [{"name": "m", "backends": [{"url": a.url}]}], redis_url=redis_url,
+                         cache={"enabled": True, "ttl": 60})
+    g1, g2 = gateway_factory(config, name="c1"), gateway_factory(config, name="c2")
+    key = g1.create_key(tenant="shared-cache-test")
+    body = {"model": "m", "messages": [{"role": "user", "content": f"cache {time.time()}"}], "temperature": 0}
+    first = httpx.post(g1.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+    second = httpx.post(g2.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+    assert first.status_code == second.status_code == 200
+    assert second.headers["x-lmserve-cache"] == "hit" and second.json() == first.json()
+    assert a.stats()["requests"] == 1
+    # Another tenant never sees this tenant's cached answer.
+    other = g1.create_key(tenant="someone-else")
+    third = httpx.post(g2.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {other}"})
+    assert "x-lmserve-cache" not in third.headers and a.stats()["requests"] == 2
