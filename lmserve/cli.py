@@ -12,6 +12,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# Gateway (issue 5): heavy imports stay inside the commands.
+from lmserve.gateway.cli import gateway_command, keys_app  # noqa: E402
+
+app.command("gateway")(gateway_command)
+app.add_typer(keys_app, name="keys")
+
 
 def _version(value: bool) -> None:
     if value:

@@ -1,0 +1,108 @@
+"""`lmserve gateway` and `lmserve keys ...`: thin typer commands over the gateway package."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Optional
+
+import typer
+
+keys_app = typer.Typer(help="Create, list and revoke gateway API keys; show their usage.", no_args_is_help=True)
+
+_DB_HELP = "SQLAlchemy database URL (default: the gateway config's, else sqlite:///lmserve-gateway.db)."
+
+
+def gateway_command(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Gateway YAML file."),
+    host: Optional[str] = typer.Option(None, help="Listen address."),
+    port: Optional[int] = typer.Option(None, help="Listen port."),
+    redis_url: Optional[str] = typer.Option(None, help="Share limits and cache through this Redis."),
+    database_url: Optional[str] = typer.Option(None, help=_DB_HELP),
+    admin_key: Optional[str] = typer.Option(None, help="Bearer token for /admin/*."),
+) -> None:
+    """Run the gateway in front of OpenAI-compatible backends."""
+    from lmserve.gateway.config import load_config
+    from lmserve.gateway.serve import run_gateway
+
+    try:
+        cfg = load_config(config, overrides={"host": host, "port": port, "redis_url": redis_url,
+                                             "database_url": database_url, "admin_key": admin_key})
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    run_gateway(cfg)
+
+
+def _store(database_url: str | None, config: str | None):  # type: ignore[no-untyped-def]
+    from lmserve.gateway.config import load_config
+    from lmserve.gateway.keystore import KeyStore
+
+    if database_url is None:
+        database_url = load_config(config).database_url
+    return KeyStore(database_url)
+
+
+def _parse_expiry(value: str | None) -> dt.datetime | None:
+    """`30d`, `12h`, `45m` from now, or an ISO 8601 date/time (UTC when no zone is given)."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+)([dhm])", value.strip())
+    if match:
+        unit = {"d": "days", "h": "hours", "m": "minutes"}[match.group(2)]
+        return dt.datetime.now(dt.timezone.utc) + dt.timedelta(**{unit: int(match.group(1))})
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"--expires: use 30d / 12h / 45m or an ISO date, got {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+@keys_app.command("create")
+def create(
+    name: str = typer.Option(..., help="Who the key is for."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated models the key may use (default: all)."),
+    rpm: Optional[int] = typer.Option(None, help="Requests per minute."),
+    tpm: Optional[int] = typer.Option(None, help="Tokens per minute."),
+    budget_tokens: Optional[int] = typer.Option(None, help="Lifetime token budget."),
+    tenant: Optional[str] = typer.Option(None, help="Tenant the key belongs to."),
+    priority: str = typer.Option("normal", help="high, normal or low (load shedding order)."),
+    expires: Optional[str] = typer.Option(None, help="30d, 12h, 45m, or an ISO date."),
+    database_url: Optional[str] = typer.Option(None, help=_DB_HELP),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Gateway YAML (for its database URL)."),
+) -> None:
+    """Create a key. The key is printed once; only its hash is stored."""
+    store = _store(database_url, config)
+    try:
+        plaintext, record = store.create_key(name, models.split(",") if models else None, rpm, tpm,
+                                             budget_tokens, tenant, priority, _parse_expiry(expires))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(json.dumps({"key": plaintext, **record.as_dict()}, indent=2))
+    typer.echo("Store this key now: it cannot be shown again.", err=True)
+
+
+@keys_app.command("list")
+def list_keys(database_url: Optional[str] = typer.Option(None, help=_DB_HELP),
+              config: Optional[str] = typer.Option(None, "--config", "-c")) -> None:
+    """List keys (ids, prefixes, limits; never the keys themselves)."""
+    typer.echo(json.dumps([k.as_dict() for k in _store(database_url, config).list_keys()], indent=2))
+
+
+@keys_app.command("revoke")
+def revoke(key_id: str = typer.Argument(..., help="Key id or shown prefix."),
+           database_url: Optional[str] = typer.Option(None, help=_DB_HELP),
+           config: Optional[str] = typer.Option(None, "--config", "-c")) -> None:
+    """Revoke a key (gateways stop accepting it within their key cache TTL, 5 s by default)."""
+    if not _store(database_url, config).revoke(key_id):
+        typer.echo(f"no live key {key_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+@keys_app.command("usage")
+def usage(key_id: Optional[str] = typer.Argument(None, help="Only this key."),
+          database_url: Optional[str] = typer.Option(None, help=_DB_HELP),
+          config: Optional[str] = typer.Option(None, "--config", "-c")) -> None:
+    """Token and request totals per key and model, from the usage ledger."""
+    typer.echo(json.dumps(_store(database_url, config).usage(key_id), indent=2))

@@ -1,0 +1,357 @@
+"""Gateway configuration: one dataclass per concern, loaded from YAML and overridden by env.
+
+Precedence: explicit arguments (CLI) > environment (`LMSERVE_GATEWAY_*`) > YAML file > defaults.
+Every field is validated in `__post_init__` with a `ValueError` a user can act on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STRATEGIES = ("round_robin", "least_outstanding", "latency", "prefix_affinity", "weighted")
+
+
+def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class BackendConfig:
+    """One OpenAI-compatible server in a model's pool."""
+
+    url: str
+    """Base URL, e.g. `http://10.0.0.5:8000` (the gateway appends `/v1/...`)."""
+    weight: float = 1.0
+    """Share of traffic for `weighted` (and the canary split); must be > 0."""
+    api_key: str | None = None
+    """Bearer token the gateway sends upstream instead of the client's credential."""
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"backend url must start with http:// or https://, got {self.url!r}")
+        self.url = self.url.rstrip("/")
+        _positive("backend weight", self.weight)
+
+
+@dataclass
+class ModelConfig:
+    """A model name clients ask for, served by a pool of backends."""
+
+    name: str
+    """The `model` value clients send."""
+    backends: list[BackendConfig] = field(default_factory=list)
+    """The pool; may start empty and be filled through `/admin/backends`."""
+    strategy: str = "round_robin"
+    """One of round_robin, least_outstanding, latency, prefix_affinity, weighted."""
+    upstream_model: str | None = None
+    """Model name sent to the backends when it differs from `name`."""
+    aliases: list[str] = field(default_factory=list)
+    """Other names that resolve to this model."""
+    fallbacks: list[str] = field(default_factory=list)
+    """Models tried in order when this one has no healthy backend or fails before the first byte."""
+    max_in_flight: int | None = None
+    """Cap on concurrent requests; over it lower priorities are shed first (429)."""
+    prefix_chars: int = 256
+    """prefix_affinity: characters of the prompt hashed when no `X-Session-ID` is sent."""
+    load_factor: float = 1.25
+    """prefix_affinity: a backend takes at most this times the mean in-flight load (bounded load)."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("every model needs a non-empty name")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"model {self.name!r}: strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        self.backends = [b if isinstance(b, BackendConfig) else BackendConfig(**b) for b in self.backends]
+        _positive("max_in_flight", self.max_in_flight)
+        _positive("prefix_chars", self.prefix_chars)
+        if self.load_factor < 1.0:
+            raise ValueError(f"load_factor must be >= 1.0, got {self.load_factor}")
+
+
+@dataclass
+class TimeoutsConfig:
+    """Upstream timeouts in seconds."""
+
+    connect: float = 2.0
+    """TCP connect to a backend."""
+    first_byte: float = 60.0
+    """From sending the request to the response head (a stuck backend is abandoned after this)."""
+    total: float = 600.0
+    """Whole request including streaming."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _positive(f"timeouts.{f.name}", getattr(self, f.name))
+
+
+@dataclass
+class RetryConfig:
+    """Retries happen only before any byte reached the client, each on another backend."""
+
+    max_attempts: int = 3
+    """Attempts per request, the first one included."""
+    budget_ratio: float = 0.2
+    """Retries may add at most this fraction of the recent request rate."""
+    min_retries_per_window: int = 3
+    """Retries always allowed per window, so a quiet gateway can still retry."""
+    window_seconds: float = 10.0
+    """Window over which requests and retries are counted for the budget."""
+    retry_on_status: list[int] = field(default_factory=lambda: [429, 502, 503, 504])
+    """Backend statuses that are retried (connect errors always are)."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("retries.max_attempts must be >= 1")
+        _positive("retries.budget_ratio", self.budget_ratio, allow_zero=True)
+        _positive("retries.window_seconds", self.window_seconds)
+
+
+@dataclass
+class HealthConfig:
+    """Active probes, passive outlier detection and the per-backend circuit breaker."""
+
+    probe_interval: float = 5.0
+    """Seconds between probes of `/health` (and `/ready` when the backend has it)."""
+    probe_timeout: float = 2.0
+    """Seconds before a probe counts as failed."""
+    unhealthy_after: int = 2
+    """Consecutive failed probes before a backend gets no traffic."""
+    consecutive_failures: int = 5
+    """Consecutive request failures that open the breaker."""
+    error_rate: float = 0.5
+    """Error rate over `window_size` recent requests that opens the breaker."""
+    window_size: int = 20
+    """Requests the error rate is computed over (and the minimum before it is)."""
+    cooldown: float = 10.0
+    """Seconds an open breaker waits before letting one trial request through (half-open)."""
+
+    def __post_init__(self) -> None:
+        _positive("health.probe_interval", self.probe_interval)
+        _positive("health.probe_timeout", self.probe_timeout)
+        _positive("health.cooldown", self.cooldown)
+        if not 0 < self.error_rate <= 1:
+            raise ValueError("health.error_rate must be in (0, 1]")
+        if self.consecutive_failures < 1 or self.window_size < 1 or self.unhealthy_after < 1:
+            raise ValueError("health counts must be >= 1")
+
+
+@dataclass
+class JWTConfig:
+    """JWT bearer tokens as an OAuth2 resource server: HS256 secret or RS256 keys from a JWKS file."""
+
+    secret: str | None = None
+    """HS256 shared secret."""
+    jwks_file: str | None = None
+    """Path of a JWKS JSON file with the RS256 public keys (selected by `kid`)."""
+    issuer: str | None = None
+    """Required `iss`."""
+    audience: str | None = None
+    """Required `aud`."""
+    tenant_claim: str = "tenant"
+    """Claim giving the tenant (defaults to `sub` when absent)."""
+    models_claim: str = "models"
+    """Claim listing allowed models (absent: all models)."""
+    leeway: float = 0.0
+    """Seconds of clock skew allowed on exp/nbf."""
+
+    def __post_init__(self) -> None:
+        if not self.secret and not self.jwks_file:
+            raise ValueError("jwt needs `secret` (HS256) or `jwks_file` (RS256)")
+
+
+@dataclass
+class CacheConfig:
+    """Exact-match response cache for deterministic requests (temperature 0 or a fixed seed)."""
+
+    enabled: bool = False
+    """Turn the cache on."""
+    ttl: float = 300.0
+    """Seconds an entry is fresh."""
+    stale_ttl: float = 3600.0
+    """Seconds past `ttl` an entry may still be served when every backend fails."""
+    serve_stale: bool = True
+    """Serve a stale entry instead of an error when the backends fail."""
+    max_entries: int = 10_000
+    """In-process LRU size (Redis relies on its own memory policy)."""
+
+
+@dataclass
+class RedactionConfig:
+    """Output filter: regexes replaced in completions, also across streamed chunks."""
+
+    patterns: list[str] = field(default_factory=list)
+    """Python regexes to redact."""
+    replacement: str = "[REDACTED]"
+    """Text put in place of each match."""
+    max_match_chars: int = 128
+    """Longest match expected; streams hold back this many characters per choice."""
+
+
+@dataclass
+class SheddingConfig:
+    """Which fraction of a model's `max_in_flight` each priority may fill."""
+
+    high: float = 1.0
+    normal: float = 0.8
+    low: float = 0.5
+
+
+@dataclass
+class LimitsConfig:
+    """Request limits and defaults for principals without their own."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest request body accepted (413 above)."""
+    max_tokens_limit: int = 32_768
+    """Largest `max_tokens` / `max_completion_tokens` a request may ask for."""
+    max_prompt_chars: int = 1_000_000
+    """Largest prompt (all message contents together) in characters."""
+    window_seconds: float = 60.0
+    """Length of the RPM/TPM window (anchored at a key's first request in the window)."""
+    default_rpm: int | None = None
+    """RPM for principals without one."""
+    default_tpm: int | None = None
+    """TPM for principals without one."""
+
+
+@dataclass
+class GatewayConfig:
+    """Everything `lmserve gateway` needs. `models` must name each model (and alias) once."""
+
+    models: list[ModelConfig] = field(default_factory=list)
+    canaries: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Virtual model -> {real model: weight}: splits traffic between two model versions."""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    database_url: str = "sqlite:///lmserve-gateway.db"
+    """SQLAlchemy URL for keys and the usage ledger (`postgresql+psycopg://...` for many gateways)."""
+    redis_url: str | None = None
+    """When set, rate limits and the cache live in Redis and are shared by every replica."""
+    admin_key: str | None = None
+    """Bearer token for `/admin/*`; without it the admin API is off."""
+    auth_required: bool = True
+    """When false, requests without credentials pass as an anonymous principal."""
+    key_cache_ttl: float = 5.0
+    """Seconds a verified key is trusted before it is re-read (bounds how fast a revocation spreads)."""
+    ledger_flush_interval: float = 1.0
+    """Seconds between usage-ledger batch writes."""
+    drain_seconds: float = 30.0
+    """On SIGTERM, how long in-flight requests may take before the gateway exits anyway."""
+    access_log: bool = True
+    """One JSON line per request."""
+    log_level: str = "info"
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    retries: RetryConfig = field(default_factory=RetryConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    shedding: SheddingConfig = field(default_factory=SheddingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    redaction: RedactionConfig = field(default_factory=RedactionConfig)
+    jwt: JWTConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.models = [m if isinstance(m, ModelConfig) else ModelConfig(**m) for m in self.models]
+        names: set[str] = set()
+        for model in self.models:
+            for name in (model.name, *model.aliases):
+                if name in names:
+                    raise ValueError(f"model name or alias {name!r} is defined twice")
+                names.add(name)
+        for model in self.models:
+            for fb in model.fallbacks:
+                if fb not in names:
+                    raise ValueError(f"model {model.name!r}: fallback {fb!r} is not a configured model")
+        for virtual, split in self.canaries.items():
+            if virtual in names:
+                raise ValueError(f"canary {virtual!r} clashes with a model name")
+            for target, weight in split.items():
+                if target not in names:
+                    raise ValueError(f"canary {virtual!r}: {target!r} is not a configured model")
+                _positive(f"canary weight of {target!r}", weight)
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            raise ValueError("tls_certfile and tls_keyfile go together")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1-65535, got {self.port}")
+
+
+_NESTED = {
+    "timeouts": TimeoutsConfig,
+    "retries": RetryConfig,
+    "health": HealthConfig,
+    "limits": LimitsConfig,
+    "shedding": SheddingConfig,
+    "cache": CacheConfig,
+    "redaction": RedactionConfig,
+    "jwt": JWTConfig,
+}
+_ENV_PREFIX = "LMSERVE_GATEWAY_"
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**data)
+
+
+def config_from_dict(data: dict[str, Any]) -> GatewayConfig:
+    """Builds a validated config from plain data (a parsed YAML document)."""
+    data = dict(data)
+    for key, cls in _NESTED.items():
+        if isinstance(data.get(key), dict):
+            data[key] = _build(cls, data[key], key)
+    data["models"] = [_build(ModelConfig, dict(m), f"model {m.get('name')!r}") for m in data.get("models", [])]
+    for model in data["models"]:
+        model.backends = [b if isinstance(b, BackendConfig) else _build(BackendConfig, b, "backend")
+                          for b in model.backends]
+    return _build(GatewayConfig, data, "gateway config")
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
+    """`LMSERVE_GATEWAY_PORT=9000`, `LMSERVE_GATEWAY_REDIS_URL=...`; nested with `__`
+    (`LMSERVE_GATEWAY_TIMEOUTS__CONNECT=1`). Values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(_ENV_PREFIX):
+            continue
+        path = name[len(_ENV_PREFIX):].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(raw) if raw else None
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> GatewayConfig:
+    """Reads the YAML file (if any), applies env then explicit overrides, validates."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
+        data = loaded.get("gateway", loaded) if isinstance(loaded.get("gateway"), dict) else loaded
+    data = _merge(data, _env_overrides(dict(os.environ) if env is None else env))
+    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return config_from_dict(data)

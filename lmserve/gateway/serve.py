@@ -1,0 +1,47 @@
+"""Runs the gateway on uvicorn (uvloop + httptools) with graceful drain on SIGTERM/SIGINT.
+
+On the first signal `/ready` turns 503, uvicorn stops accepting connections, closes idle
+keep-alive connections, and waits up to `drain_seconds` for in-flight requests (streams included)
+to finish; then the ledger is flushed and the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import FrameType
+
+import uvicorn
+
+from lmserve.gateway.app import Gateway, create_app
+from lmserve.gateway.config import GatewayConfig
+from lmserve.gateway.logs import setup_logging
+
+log = logging.getLogger("lmserve.gateway")
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.gateway.is_draining:
+            log.info("signal %d: draining in-flight requests, then exiting", sig)
+        self.gateway.is_draining = True
+        super().handle_exit(sig, frame)
+
+
+def run_gateway(config: GatewayConfig) -> None:
+    setup_logging(config.log_level)
+    gateway = create_app(config)
+    uv_config = uvicorn.Config(
+        gateway, host=config.host, port=config.port, loop="uvloop", http="httptools", lifespan="on",
+        access_log=False, log_config=None, log_level=config.log_level, backlog=4096,
+        ssl_certfile=config.tls_certfile, ssl_keyfile=config.tls_keyfile,
+        timeout_graceful_shutdown=int(config.drain_seconds), timeout_keep_alive=30,
+        proxy_headers=False, server_header=False, date_header=False,
+    )
+    server = _DrainingServer(uv_config, gateway)
+    log.info("lmserve gateway listening on %s://%s:%d with %d model(s)",
+             "https" if config.tls_certfile else "http", config.host, config.port, len(config.models))
+    server.run()

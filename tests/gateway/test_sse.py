@@ -1,0 +1,28 @@
+from lmserve.gateway.sse import EventSplitter, StreamTransform, event_payload, has_usage, parse_usage
+
+
+def test_splitter_keeps_only_the_incomplete_tail() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b"data: {\"a\": 1}\n\ndata: {\"b\"") == [b'data: {"a": 1}']
+    assert splitter.pending == b'data: {"b"'
+    assert splitter.feed(b": 2}\r\n\r\n: comment\r\n\r\n") == [b'data: {"b": 2}', b": comment"]
+    assert splitter.pending == b""
+
+
+def test_usage_detection_and_parsing() -> None:
+    assert has_usage(b'data: {"choices": [], "usage": {"prompt_tokens": 3}}')
+    assert not has_usage(b'data: {"choices": [1], "usage": null}')
+    payload = event_payload(b'data: {"usage": {"prompt_tokens": 3, "completion_tokens": 4, '
+                            b'"prompt_tokens_details": {"cached_tokens": 2}}}')
+    assert parse_usage(payload) == (3, 4, 2)
+    assert event_payload(b"data: [DONE]") is None and event_payload(b"data: {bad") is None
+
+
+def test_strip_usage_drops_the_extra_chunk_only() -> None:
+    transform = StreamTransform(strip_usage=True, redactor=None)
+    usage_only = b'data: {"choices": [], "usage": {"prompt_tokens": 1}}'
+    assert transform.apply(usage_only, event_payload(usage_only)) is None
+    mixed = b'data: {"choices": [{"index": 0}], "usage": {"prompt_tokens": 1}}'
+    assert transform.apply(mixed, event_payload(mixed)) == b'data: {"choices":[{"index":0}]}'
+    plain = b'data: {"choices": [{"index": 0}], "usage": null}'
+    assert transform.apply(plain, event_payload(plain)) is plain
