@@ -159,7 +159,8 @@ class AsyncEngine:
         loop = self._event_loop()
         try:
             while not self._stopping:
-                self._apply_commands()
+                if self._apply_commands():
+                    self.latest_stats = self.engine.stats()
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait()
                     self._wake.clear()
@@ -176,12 +177,15 @@ class AsyncEngine:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(self._fail_all, exc)
 
-    def _apply_commands(self) -> None:
+    def _apply_commands(self) -> bool:
+        """Applies every queued command; True if there was any."""
+        applied = False
         while True:
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return applied
+            applied = True
             kind = command[0]
             if kind == "add":
                 _, request_id, prompt, params, options, added = command

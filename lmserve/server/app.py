@@ -60,21 +60,35 @@ class RequestContext:
         if error is not None:
             await error.response()(scope, receive, send_with_id)
             return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _BodyTooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send_with_id)
-        except _BodyTooLarge:
+        body = await self._read_body(receive)
+        if body is None:
             await self._too_large().response()(scope, receive, send_with_id)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: only http.disconnect remains to be seen
+
+        await self.app(scope, replay, send_with_id)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole request body, or None when it exceeds the limit."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     def _check(self, scope: Scope, headers: dict) -> APIError | None:
         length = headers.get(b"content-length")
@@ -89,10 +103,6 @@ class RequestContext:
 
     def _too_large(self) -> APIError:
         return APIError(413, f"The request body is larger than {self.limit} bytes.", code="request_too_large")
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 def create_app(state: ServerState) -> FastAPI:

@@ -25,7 +25,7 @@ class GenerationFields(StrictModel):
     """Fields shared by completions and chat completions (OpenAI's plus vLLM-style extras)."""
 
     model: str
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=128)
     temperature: float | None = None
     top_p: float | None = None
     stream: bool = False

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from lmserve.engine.async_engine import EngineDeadError
 from lmserve.engine.sampling_params import SamplingParams
@@ -188,7 +188,45 @@ async def respond(
             accounting.end(error if not isinstance(error, (EngineDeadError, RuntimeError)) else None)
         yield SSE_DONE
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return EventStreamResponse(body())
+
+
+class EventStreamResponse(Response):
+    """Server-sent events that stop the moment the client disconnects.
+
+    The body iterator is always closed (so its `finally` aborts the engine requests at once),
+    whether the stream ended, the client went away, or a write failed.
+    """
+
+    def __init__(self, events: AsyncIterator[bytes]) -> None:
+        self.events = events
+        self.status_code = 200
+        self.background = None
+        # No content-length: the body is streamed until the last event.
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        streaming = asyncio.ensure_future(self._stream(send))
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            streaming.cancel()
+
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            await streaming
+        except (asyncio.CancelledError, OSError):
+            pass  # the client went away; the iterator is closed below
+        finally:
+            watcher.cancel()
+            await self.events.aclose()  # type: ignore[attr-defined]
+
+    async def _stream(self, send: Any) -> None:
+        async for chunk in self.events:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def engine_error(exc: Exception) -> APIError | None:
