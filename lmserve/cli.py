@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from lmserve.bench.cli import bench_command
+from lmserve.gateway.cli import gateway_command, keys_app
+
 app = typer.Typer(
     name="lmserve",
     help="Serve open large language models: engine, OpenAI-compatible server, gateway.",
@@ -11,12 +14,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-# Gateway (issue 5): heavy imports stay inside the commands.
-from lmserve.gateway.cli import gateway_command, keys_app  # noqa: E402
-
-app.command("gateway")(gateway_command)
-app.add_typer(keys_app, name="keys")
 
 
 def _version(value: bool) -> None:
@@ -44,6 +41,11 @@ def serve(ctx: typer.Context) -> None:
     from lmserve.server.cli import serve_main
 
     raise typer.Exit(serve_main(ctx.args))
+
+
+app.command("gateway")(gateway_command)
+app.add_typer(keys_app, name="keys")
+app.command("bench")(bench_command)
 
 
 def main() -> None:

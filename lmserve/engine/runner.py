@@ -11,7 +11,7 @@ import torch
 from lmserve.engine.attention import AttentionBackend, ForwardContext, SequenceSlice
 from lmserve.engine.attention.torch_backend import TorchAttentionBackend
 from lmserve.engine.loader import LoadedModel
-from lmserve.engine.sampler import SampleResult, Sampler
+from lmserve.engine.sampler import Sampler, SampleResult
 from lmserve.engine.scheduler import ScheduledSequence
 from lmserve.engine.sequence import Sequence
 

@@ -104,7 +104,7 @@ def test_tls_termination(backends, gateway_factory, tmp_path: Path) -> None:
 class _Collector(BaseHTTPRequestHandler):
     posts: list[tuple[str, bytes]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length", 0)))
         _Collector.posts.append((self.path, body))
         self.send_response(200)
