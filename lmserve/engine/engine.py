@@ -12,6 +12,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmserve.engine.attention import make_backend
 from lmserve.engine.config import EngineConfig
 from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.loader import load_model
@@ -64,7 +65,8 @@ class Engine:
             config.scheduler, self.kv_cache, self.max_model_len, self.eos_token_ids, clock=clock
         )
         sampler = Sampler(self.vocab_size, self.eos_token_ids, seed=config.model.seed)
-        self.runner = ModelRunner(loaded, num_blocks, cache.block_size, sampler)
+        backend = make_backend(config.model.attention_backend, loaded.device, cache.block_size)
+        self.runner = ModelRunner(loaded, num_blocks, cache.block_size, sampler, backend)
         self._requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self._num_steps = 0

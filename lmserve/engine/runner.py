@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from lmserve.engine.attention import AttentionBackend, ForwardContext, SequenceSlice
-from lmserve.engine.attention.torch_backend import TorchAttentionBackend
 from lmserve.engine.loader import LoadedModel
 from lmserve.engine.sampler import Sampler, SampleResult
 from lmserve.engine.scheduler import ScheduledSequence
@@ -29,14 +28,14 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         sampler: Sampler,
-        backend: AttentionBackend | None = None,
+        backend: AttentionBackend,
     ) -> None:
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.block_size = block_size
         self.sampler = sampler
-        self.backend: AttentionBackend = backend or TorchAttentionBackend(block_size)
+        self.backend = backend
         self.kv_caches = self.backend.allocate_cache(
             self.model.num_layers,
             num_blocks,
