@@ -19,6 +19,8 @@ class SequenceOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    queue_time: float | None = None
+    """Seconds from arrival until the sequence was first scheduled; None if it never was."""
 
     @property
     def finished(self) -> bool:
