@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+
+class PreemptionMode(str, enum.Enum):
+    RECOMPUTE = "recompute"
+    """Blocks freed (full ones stay in the prefix cache); the history is computed again on resume."""
+    SWAP = "swap"
+    """Blocks copied to the CPU pool, and back on resume."""
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-PREEMPTION_MODES = ("recompute", "swap")
+PREEMPTION_MODES = tuple(mode.value for mode in PreemptionMode)
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "deadline")
 DEFAULT_SWAP_SPACE_BYTES = 4 * 2**30
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmserve.engine.config import EngineConfig
+from lmserve.engine.config import EngineConfig, PreemptionMode
 from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.loader import load_model
 from lmserve.engine.outputs import SequenceOutput
@@ -111,7 +111,7 @@ class Engine:
     def _cpu_blocks(self, loaded) -> int:
         """Blocks of the CPU swap pool: none unless preemption_mode is swap."""
         scheduler = self.config.scheduler
-        if scheduler.preemption_mode != "swap":
+        if scheduler.preemption_mode != PreemptionMode.SWAP:
             return 0
         useful = scheduler.max_num_seqs * self.kv_cache_blocks_per_seq()
         return min(scheduler.swap_space_bytes // self._block_bytes(loaded), useful)

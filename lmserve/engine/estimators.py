@@ -56,6 +56,14 @@ class StepCostModel:
                 return fixed, per_token
         return 0.0, y / x
 
+    def step_seconds(self, num_tokens: int) -> float | None:
+        """One step of `num_tokens` tokens; None when nothing was measured yet."""
+        coefficients = self.coefficients()
+        if coefficients is None:
+            return None
+        fixed, per_token = coefficients
+        return fixed + per_token * num_tokens
+
     def seconds_to_compute(self, num_tokens: int, num_decodes: int, budget: int) -> float | None:
         """Time until `num_tokens` of prefill are computed, `budget` tokens a step of which
         `num_decodes` go to running sequences' decodes; None when nothing was measured yet."""
@@ -89,10 +97,13 @@ class RateMeter:
 
 
 class PrefillLine:
-    """Prefill work lined up in start order, to tell when a sequence's first token would come.
+    """Queued sequences lined up in start order, to tell when a sequence's first token would come.
 
-    Starts with the tokens already owed to running sequences that have not sampled yet; every
-    step spends `budget` tokens, `num_decodes` of them on running sequences' decodes.
+    Two things hold a queued sequence back: the prefill tokens lined up before it (starting with
+    those still owed to running sequences that have not sampled), computed `budget` tokens a step
+    of which `num_decodes` go to running decodes; and, when every sequence slot is taken, the
+    steps until a running sequence leaves (`seat_free_steps`, at the latest: when it reaches
+    max_tokens). Both are converted to seconds with the measured step cost.
     """
 
     def __init__(
@@ -102,17 +113,37 @@ class PrefillLine:
         num_decodes: int,
         tokens_to_compute: Callable[[Sequence], int],
         num_tokens_ahead: int = 0,
+        num_free_seats: int | None = None,
+        seat_free_steps: list[int] | None = None,
     ) -> None:
         self.cost = cost
         self.budget = budget
         self.num_decodes = num_decodes
         self.tokens_to_compute = tokens_to_compute
         self.num_tokens_ahead = num_tokens_ahead
+        self.num_free_seats = num_free_seats
+        self.seat_free_steps = sorted(seat_free_steps or [])
+        self.num_lined_up = 0
 
     def seconds_until_first_token(self, seq: Sequence) -> float | None:
         """If `seq` were next in line; None when no step has been measured yet."""
-        num_tokens = self.num_tokens_ahead + self.tokens_to_compute(seq)
-        return self.cost.seconds_to_compute(num_tokens, self.num_decodes, self.budget)
+        own = self.tokens_to_compute(seq)
+        behind_prefills = self.cost.seconds_to_compute(self.num_tokens_ahead + own, self.num_decodes, self.budget)
+        alone = self.cost.seconds_to_compute(own, self.num_decodes, self.budget)
+        seat = self._seconds_until_seat()
+        if behind_prefills is None or alone is None or seat is None:
+            return None
+        return max(behind_prefills, seat + alone)
 
     def append(self, seq: Sequence) -> None:
         self.num_tokens_ahead += self.tokens_to_compute(seq)
+        self.num_lined_up += 1
+
+    def _seconds_until_seat(self) -> float | None:
+        """When the next in line gets a sequence slot. Slots freed by sequences that started from
+        this line are not foreseen: beyond the running ones, the last known slot is assumed."""
+        if self.num_free_seats is None or self.num_lined_up < self.num_free_seats or not self.seat_free_steps:
+            return 0.0
+        i = min(self.num_lined_up - self.num_free_seats, len(self.seat_free_steps) - 1)
+        step = self.cost.step_seconds(self.num_decodes)
+        return None if step is None else self.seat_free_steps[i] * step

@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from lmserve.engine.admission import AdmissionControl
-from lmserve.engine.config import SchedulerConfig
+from lmserve.engine.config import PreemptionMode, SchedulerConfig
 from lmserve.engine.errors import EngineOverloaded
 from lmserve.engine.estimators import PrefillLine, StepCostModel
 from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.policies import Rank, SchedulingPolicy, make_policy
 from lmserve.engine.sequence import FinishReason, Sequence, SequenceStatus
-from lmserve.engine.stats import PreemptionMode, SchedulerStats
+from lmserve.engine.stats import SchedulerStats
 
 
 @dataclass
@@ -213,6 +213,8 @@ class Scheduler:
             num_decodes=len(self.running) - len(mid_prefill),
             tokens_to_compute=self._tokens_to_compute,
             num_tokens_ahead=sum(s.num_uncomputed_tokens for s in mid_prefill),
+            num_free_seats=self.config.max_num_seqs - len(self.running),
+            seat_free_steps=[self._max_steps_left(s) for s in self.running],
         )
         hopeless = self.policy.find_hopeless(queued, now, line)
         if not hopeless:
@@ -221,6 +223,11 @@ class Scheduler:
             self.abort(seq, FinishReason.TIMEOUT)
             output.finished.append(seq)
         return [s for s in queued if not s.is_finished]
+
+    def _max_steps_left(self, seq: Sequence) -> int:
+        """Steps until a running sequence ends at the latest (it may stop sooner)."""
+        max_tokens = min(seq.params.max_tokens, self.max_model_len - seq.num_prompt_tokens)
+        return max(1, max_tokens - seq.num_output_tokens)
 
     def _tokens_to_compute(self, seq: Sequence) -> int:
         """Tokens a queued sequence still needs computed before it samples (prefix-cache hits excluded)."""
@@ -335,7 +342,7 @@ class Scheduler:
         self.running.remove(seq)
         seq.num_preemptions += 1
         output.preempted.append(seq)
-        if self.config.preemption_mode == PreemptionMode.SWAP.value:
+        if self.config.preemption_mode == PreemptionMode.SWAP:
             mapping = self.kv_cache.swap_out(seq)
             if mapping is not None:
                 seq.status = SequenceStatus.SWAPPED

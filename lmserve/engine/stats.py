@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import copy
-import enum
 from dataclasses import dataclass, field
 
+from lmserve.engine.config import PreemptionMode
 from lmserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 OTHER_TENANTS = "other"
 """The label shared by every tenant beyond the first `max_tenant_labels` seen."""
-
-
-class PreemptionMode(str, enum.Enum):
-    RECOMPUTE = "recompute"
-    """Blocks freed; the sequence computes its whole history again when it resumes."""
-    SWAP = "swap"
-    """Blocks copied to the CPU pool and back when it resumes."""
 
 
 @dataclass

@@ -57,3 +57,21 @@ def test_prefill_line_adds_up_the_work_ahead():
     assert line.seconds_until_first_token(seq) == pytest.approx(2.0)
     line.append(seq)
     assert line.seconds_until_first_token(make_seq(10)) == pytest.approx(3.0)
+
+
+def test_prefill_line_waits_for_a_sequence_slot_when_all_are_taken():
+    model = StepCostModel()
+    model.observe(10, 1.0)  # 0.1 s a token, no fixed part
+    line = PrefillLine(
+        model, budget=10, num_decodes=2, tokens_to_compute=lambda s: s.num_tokens,
+        num_free_seats=1, seat_free_steps=[7, 3],
+    )
+    first, second, third, fourth = (make_seq(4) for _ in range(4))
+    assert line.seconds_until_first_token(first) == pytest.approx(0.6)  # a slot is free: 4 + 2 tokens
+    line.append(first)
+    # The next slot frees in 3 decode steps of 2 tokens (0.6 s), then its own prefill step (0.6 s).
+    assert line.seconds_until_first_token(second) == pytest.approx(1.2)
+    line.append(second)
+    assert line.seconds_until_first_token(third) == pytest.approx(7 * 0.2 + 0.6)
+    line.append(third)
+    assert line.seconds_until_first_token(fourth) == pytest.approx(7 * 0.2 + 0.6)  # the last slot known

@@ -331,6 +331,22 @@ def test_deadline_policy_counts_the_work_lined_up_before_a_request():
     assert out.finished == [second] and [s.seq for s in out.scheduled] == [first]
 
 
+def test_deadline_policy_counts_the_wait_for_a_sequence_slot():
+    clock = FakeClock()
+    sched = make_scheduler(num_blocks=64, max_num_seqs=1, scheduling_policy="deadline", clock=clock)
+    sched.record_step(10, 1.0)  # 0.1 s a token
+    busy = make_seq(4, max_tokens=21)
+    sched.add(busy)
+    run_step(sched)  # busy holds the only slot for 20 more decode steps of 0.1 s
+    doomed = make_seq(4, max_tokens=1, deadline=1.0, first_token=100)
+    patient = make_seq(4, max_tokens=1, deadline=3.0, first_token=200)
+    sched.add(doomed)
+    sched.add(patient)
+    out = run_step(sched)
+    assert out.finished == [doomed] and doomed.finish_reason is FinishReason.TIMEOUT
+    assert patient.status is SequenceStatus.WAITING
+
+
 def test_without_measurements_the_deadline_policy_gives_up_on_no_one():
     sched = make_scheduler(scheduling_policy="deadline")
     seq = make_seq(40, max_tokens=1, deadline=0.001)
