@@ -206,8 +206,18 @@ class Scheduler:
 
     def _end_hopeless(self, queued: list[Sequence], output: SchedulerOutput, now: float) -> list[Sequence]:
         """Ends the queued sequences the policy gives up on; returns the others, in order."""
+        hopeless = self.policy.find_hopeless(queued, now, self._prefill_line)
+        if not hopeless:
+            return queued
+        for seq in hopeless:
+            self.abort(seq, FinishReason.TIMEOUT)
+            output.finished.append(seq)
+        return [s for s in queued if not s.is_finished]
+
+    def _prefill_line(self) -> PrefillLine:
+        """The line queued sequences would join now: prefills still owed and slots still taken."""
         mid_prefill = [s for s in self.running if s.num_uncomputed_tokens > 1]
-        line = PrefillLine(
+        return PrefillLine(
             self.step_cost,
             self.config.max_num_batched_tokens,
             num_decodes=len(self.running) - len(mid_prefill),
@@ -216,13 +226,6 @@ class Scheduler:
             num_free_seats=self.config.max_num_seqs - len(self.running),
             seat_free_steps=[self._max_steps_left(s) for s in self.running],
         )
-        hopeless = self.policy.find_hopeless(queued, now, line)
-        if not hopeless:
-            return queued
-        for seq in hopeless:
-            self.abort(seq, FinishReason.TIMEOUT)
-            output.finished.append(seq)
-        return [s for s in queued if not s.is_finished]
 
     def _max_steps_left(self, seq: Sequence) -> int:
         """Steps until a running sequence ends at the latest (it may stop sooner)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from lmserve.engine.estimators import PrefillLine
@@ -43,6 +43,11 @@ class SchedulingPolicy(Protocol):
         """A sequence left the engine (any finish reason)."""
         return None  # noqa: RET501 (an empty body would make mypy call the default abstract)
 
-    def find_hopeless(self, ordered: list[Sequence], now: float, line: PrefillLine) -> list[Sequence]:
-        """Queued sequences (from `order`) that can no longer meet their deadline and should end now."""
+    def find_hopeless(
+        self, ordered: list[Sequence], now: float, make_line: Callable[[], PrefillLine]
+    ) -> list[Sequence]:
+        """Queued sequences (from `order`) that can no longer meet their deadline and should end now.
+
+        `make_line` builds the estimate of when each would get its first token (built on demand:
+        it costs a pass over the running sequences)."""
         return []

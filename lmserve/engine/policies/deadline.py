@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from lmserve.engine.estimators import PrefillLine
 from lmserve.engine.policies.base import Rank, SchedulingPolicy
@@ -27,11 +28,15 @@ class DeadlinePolicy(SchedulingPolicy):
         deadline = seq.deadline if has_pending_deadline(seq) and seq.deadline is not None else math.inf
         return (deadline, seq.arrival_time, seq.seq_id)
 
-    def find_hopeless(self, ordered: list[Sequence], now: float, line: PrefillLine) -> list[Sequence]:
-        hopeless = []
+    def find_hopeless(
+        self, ordered: list[Sequence], now: float, make_line: Callable[[], PrefillLine]
+    ) -> list[Sequence]:
+        hopeless: list[Sequence] = []
+        line: PrefillLine | None = None
         for seq in ordered:
             if seq.deadline is None or not has_pending_deadline(seq):
                 break  # ranked after every pending deadline
+            line = line or make_line()
             seconds = line.seconds_until_first_token(seq)
             if seconds is None:
                 break  # nothing measured yet: no grounds to give up on anyone
