@@ -91,12 +91,28 @@ def load_settings(
             if name in model.model_fields:
                 values[name] = None if value == "" else value
     values.update({canonical_key(model, k): v for k, v in cli.items()})
+    for name, value in values.items():
+        if isinstance(value, str) and name in model.model_fields and _is_collection(model.model_fields[name].annotation):
+            values[name] = _parse_text(name, value)
     try:
         return model.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
         raise ValueError(f"invalid setting {where}: {first.get('msg')}") from None
+
+
+def _is_collection(annotation: Any) -> bool:
+    origins = {typing.get_origin(annotation), *(typing.get_origin(a) for a in typing.get_args(annotation))}
+    return bool(origins & {dict, list})
+
+
+def _parse_text(name: str, text: str) -> Any:
+    """A mapping or list given on the command line or in the environment, written as YAML/JSON."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ValueError(f"invalid setting {name}: expected YAML or JSON like '{{a: 1}}', got {text!r}") from None
 
 
 def _from_yaml(model: type[BaseModel], path: Path) -> dict[str, Any]:
@@ -125,6 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], skip:
         help_text = (info.description or "").replace("%", "%%")
         if info.default is not None and info.default is not ...:
             help_text += f" (default: {info.default})"
+        if _is_collection(info.annotation):
+            help_text += " (YAML or JSON, e.g. '{team-a: 2}')"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+
+class PreemptionMode(str, enum.Enum):
+    RECOMPUTE = "recompute"
+    """Blocks freed (full ones stay in the prefix cache); the history is computed again on resume."""
+    SWAP = "swap"
+    """Blocks copied to the CPU pool, and back on resume."""
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu")
-PREEMPTION_MODES = ("recompute", "swap")
+PREEMPTION_MODES = tuple(mode.value for mode in PreemptionMode)
+SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "deadline")
+DEFAULT_SWAP_SPACE_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -78,7 +89,26 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     """Split prompts longer than what is left of the budget across steps."""
     preemption_mode: str = "recompute"
-    """What happens to a sequence evicted for lack of blocks: recompute (free its blocks) or swap."""
+    """What happens to a sequence evicted for lack of blocks: recompute (free its blocks) or swap
+    (copy them to a CPU pool of `swap_space_bytes`; recompute when that pool is full)."""
+    swap_space_bytes: int = DEFAULT_SWAP_SPACE_BYTES
+    """Bytes of the CPU pool that swapped-out KV blocks go to; allocated only when preemption_mode is swap."""
+    num_cpu_blocks: int | None = None
+    """Blocks in that CPU pool, instead of sizing it from swap_space_bytes."""
+    scheduling_policy: str = "fcfs"
+    """Order in which waiting requests start: fcfs (arrival), priority (lower value first, may preempt
+    lower-priority work), fair (tenants share by tokens served), deadline (earliest deadline first)."""
+    tenant_weights: dict[str, float] = field(default_factory=dict)
+    """Under the fair policy, a tenant's share relative to others (default 1.0 each)."""
+    max_queued_requests: int | None = None
+    """Requests that may wait to start; beyond it `add_request` raises EngineOverloaded. None: no limit."""
+    max_queued_tokens: int | None = None
+    """Prompt tokens of requests waiting to start; beyond it `add_request` raises EngineOverloaded."""
+    queue_timeout: float | None = None
+    """Seconds a request may wait to start before it ends with finish reason timeout, unless the
+    request sets its own. None: wait forever."""
+    max_tenant_labels: int = 16
+    """Tenants that get their own entry in the stats; later ones are counted under "other"."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -89,6 +119,26 @@ class SchedulerConfig:
             raise ValueError(
                 f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}; got {self.preemption_mode!r}"
             )
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
+                f"got {self.scheduling_policy!r}"
+            )
+        if self.num_cpu_blocks is not None and self.num_cpu_blocks < 0:
+            raise ValueError(f"num_cpu_blocks must be >= 0, got {self.num_cpu_blocks}")
+        if self.swap_space_bytes < 0:
+            raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
+        for tenant, weight in self.tenant_weights.items():
+            if not weight > 0:
+                raise ValueError(f"tenant_weights[{tenant!r}] must be > 0, got {weight}")
+        for name in ("max_queued_requests", "max_queued_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for no limit), got {value}")
+        if self.queue_timeout is not None and not self.queue_timeout > 0:
+            raise ValueError(f"queue_timeout must be > 0 seconds (or None), got {self.queue_timeout}")
+        if self.max_tenant_labels < 0:
+            raise ValueError(f"max_tenant_labels must be >= 0, got {self.max_tenant_labels}")
 
 
 @dataclass

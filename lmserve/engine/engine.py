@@ -6,14 +6,15 @@ No HTTP and no asyncio here; the server drives `step()` from its own thread.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmserve.engine.attention import make_backend
-from lmserve.engine.config import EngineConfig
+from lmserve.engine.config import EngineConfig, PreemptionMode
 from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.loader import load_model
 from lmserve.engine.outputs import SequenceOutput
@@ -22,6 +23,7 @@ from lmserve.engine.sampler import Sampler
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.scheduler import Scheduler, SchedulerOutput
 from lmserve.engine.sequence import FinishReason, Sequence
+from lmserve.engine.stats import TenantStats
 
 CPU_KV_CACHE_MEMORY = 2 * 2**30
 GPU_MEMORY_FRACTION = 0.9
@@ -29,7 +31,9 @@ GPU_MEMORY_FRACTION = 0.9
 
 @dataclass
 class EngineStats:
-    """A snapshot for metrics and status pages."""
+    """A snapshot for metrics and status pages. Counts are of sequences (a request with n > 1 has
+    n); `num_*` totals since start only grow, except the gauges num_running/waiting/swapped,
+    num_queued_* and the usages."""
 
     num_running: int
     num_waiting: int
@@ -38,8 +42,34 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    """Both modes together."""
     num_steps: int
     last_step_num_tokens: int
+    num_swapped: int = 0
+    num_recompute_preemptions: int = 0
+    num_swap_preemptions: int = 0
+    num_blocks_swapped_out: int = 0
+    num_blocks_swapped_in: int = 0
+    cpu_kv_cache_usage: float = 0.0
+    """Fraction of the CPU swap pool in use (0 when preemption_mode is recompute)."""
+    num_cpu_blocks: int = 0
+    num_queued_requests: int = 0
+    """Requests that have not started (what max_queued_requests bounds)."""
+    num_queued_tokens: int = 0
+    """Their prompt tokens (what max_queued_tokens bounds)."""
+    num_started: int = 0
+    """Sequences that left the queue; with queue_time_seconds_sum gives the mean queue time."""
+    queue_time_seconds_sum: float = 0.0
+    num_timeouts: int = 0
+    """Sequences ended by queue timeout or deadline."""
+    num_rejected: int = 0
+    """Requests refused with EngineOverloaded."""
+    tenants: dict[str, TenantStats] = field(default_factory=dict)
+    """Per tenant label: the first max_tenant_labels tenants seen, the rest under "other"."""
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 class Engine:
@@ -60,24 +90,38 @@ class Engine:
         self.vocab_size = loaded.model.vocab_size
         cache = config.cache
         num_blocks = cache.num_blocks or self._blocks_from_memory(loaded)
-        self.kv_cache = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        num_cpu_blocks = self._cpu_blocks(loaded)
+        self.kv_cache = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks)
         self.scheduler = Scheduler(
             config.scheduler, self.kv_cache, self.max_model_len, self.eos_token_ids, clock=clock
         )
         sampler = Sampler(self.vocab_size, self.eos_token_ids, seed=config.model.seed)
         backend = make_backend(config.model.attention_backend, loaded.device, cache.block_size)
-        self.runner = ModelRunner(loaded, num_blocks, cache.block_size, sampler, backend)
+        self.runner = ModelRunner(loaded, num_blocks, cache.block_size, sampler, backend, num_cpu_blocks)
         self._requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self._num_steps = 0
         self._last_step_num_tokens = 0
 
-    def _blocks_from_memory(self, loaded) -> int:
+    def _block_bytes(self, loaded) -> int:
         model = loaded.model
-        block_bytes = (
+        return (
             2 * model.num_layers * self.config.cache.block_size * model.num_kv_heads * model.head_dim
             * loaded.dtype.itemsize
         )
+
+    def _cpu_blocks(self, loaded) -> int:
+        """Blocks of the CPU swap pool: none unless preemption_mode is swap."""
+        scheduler = self.config.scheduler
+        if scheduler.preemption_mode != PreemptionMode.SWAP:
+            return 0
+        if scheduler.num_cpu_blocks is not None:
+            return scheduler.num_cpu_blocks
+        useful = scheduler.max_num_seqs * self.kv_cache_blocks_per_seq()
+        return min(scheduler.swap_space_bytes // self._block_bytes(loaded), useful)
+
+    def _blocks_from_memory(self, loaded) -> int:
+        block_bytes = self._block_bytes(loaded)
         budget = self.config.cache.kv_cache_memory
         if budget is None:
             if loaded.device.type == "cuda":
@@ -107,11 +151,29 @@ class Engine:
         tenant: str = "",
         arrival_time: float | None = None,
         deadline: float | None = None,
+        queue_timeout: float | None = None,
     ) -> None:
-        """Queues a request (n sequences). Raises `ValueError` when it can never run."""
+        """Queues a request (n sequences).
+
+        `priority`: lower runs first under the priority policy. `tenant`: whom the request is
+        accounted to (fair policy, per-tenant stats). `arrival_time`, `deadline`: times on this
+        engine's `clock`; the deadline is when the first token must exist at the latest, else
+        the request ends with finish reason timeout. `queue_timeout`: seconds after arrival the
+        request may wait to start (default: the scheduler config's), else it ends with timeout.
+
+        Raises `ValueError` when the request can never run, and `EngineOverloaded` (changing
+        nothing) when the queue is full.
+        """
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt = self.validate_prompt(prompt_token_ids)
+        if deadline is not None and math.isnan(deadline):
+            raise ValueError("deadline must be a time on the engine clock, got NaN")
+        if queue_timeout is None:
+            queue_timeout = self.config.scheduler.queue_timeout
+        elif not queue_timeout > 0:
+            raise ValueError(f"queue_timeout must be > 0 seconds, got {queue_timeout}")
+        self.scheduler.check_admission(tenant, len(prompt))
         arrival = self.clock() if arrival_time is None else arrival_time
         seqs = [
             Sequence(
@@ -125,6 +187,7 @@ class Engine:
                 priority=priority,
                 tenant=tenant,
                 deadline=deadline,
+                queue_timeout=None if queue_timeout is None else arrival + queue_timeout,
             )
             for i in range(params.n)
         ]
@@ -170,7 +233,10 @@ class Engine:
     def step(self) -> list[SequenceOutput]:
         """Runs one scheduled batch; returns what each affected sequence gained."""
         output = self.scheduler.schedule()
+        started = self.clock()
+        self.runner.swap_blocks(output.swap_out, output.swap_in)
         step = self.runner.execute(output.scheduled) if output.scheduled else StepResult()
+        self.scheduler.record_step(output.num_batched_tokens, self.clock() - started)
         self._record_prompt_logprobs(output, step)
         received = self.scheduler.update(output, {seq_id: r.token_id for seq_id, r in step.sampled.items()})
         self._num_steps += 1
@@ -205,7 +271,7 @@ class Engine:
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens or 0,
-            queue_seconds=None if seq.first_scheduled_time is None else seq.first_scheduled_time - seq.arrival_time,
+            queue_time=None if seq.first_scheduled_time is None else seq.first_scheduled_time - seq.arrival_time,
             prompt_logprobs=list(seq.prompt_logprobs) if first else None,
         )
 
@@ -216,14 +282,30 @@ class Engine:
 
     def stats(self) -> EngineStats:
         prefix = self.kv_cache.prefix_stats
+        scheduler = self.scheduler
+        counts = scheduler.stats
         return EngineStats(
-            num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
+            num_running=scheduler.num_running,
+            num_waiting=scheduler.num_waiting,
             kv_cache_usage=self.kv_cache.usage,
             num_blocks=self.kv_cache.num_blocks,
             prefix_cache_queries=prefix.num_queries,
             prefix_cache_hits=prefix.num_hits,
-            num_preemptions=self.scheduler.stats.num_preemptions,
+            num_preemptions=counts.num_preemptions,
             num_steps=self._num_steps,
             last_step_num_tokens=self._last_step_num_tokens,
+            num_swapped=scheduler.num_swapped,
+            num_recompute_preemptions=counts.num_recompute_preemptions,
+            num_swap_preemptions=counts.num_swap_preemptions,
+            num_blocks_swapped_out=counts.num_blocks_swapped_out,
+            num_blocks_swapped_in=counts.num_blocks_swapped_in,
+            cpu_kv_cache_usage=self.kv_cache.cpu_usage,
+            num_cpu_blocks=self.kv_cache.num_cpu_blocks,
+            num_queued_requests=scheduler.admission.num_queued_requests,
+            num_queued_tokens=scheduler.admission.num_queued_tokens,
+            num_started=counts.num_started,
+            queue_time_seconds_sum=counts.queue_time_seconds_sum,
+            num_timeouts=counts.num_timeouts,
+            num_rejected=counts.num_rejected,
+            tenants=counts.tenant_snapshot(scheduler.live_sequences()),
         )

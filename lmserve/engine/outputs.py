@@ -19,8 +19,8 @@ class SequenceOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_cached_tokens: int
-    queue_seconds: float | None = None
-    """Time from arrival to first being scheduled (None until scheduled)."""
+    queue_time: float | None = None
+    """Seconds from arrival until the sequence was first scheduled; None if it never was."""
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """With the first token, when asked for: one entry per prompt token (the first is None)."""
 

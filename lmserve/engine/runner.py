@@ -16,10 +16,11 @@ from lmserve.engine.sequence import Sequence
 
 
 class ModelRunner:
-    """Owns the model and its KV cache tensors.
+    """Owns the model, its KV cache tensors and the CPU swap pool.
 
     Invariant: `kv_caches[layer]` holds, for every block the KV manager handed out, the keys and
-    values of the tokens the scheduler has counted as computed.
+    values of the tokens the scheduler has counted as computed; `cpu_caches[layer]` holds the
+    same for every CPU block of a swapped-out sequence.
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class ModelRunner:
         block_size: int,
         sampler: Sampler,
         backend: AttentionBackend,
+        num_cpu_blocks: int = 0,
     ) -> None:
         self.model = loaded.model
         self.device = loaded.device
@@ -45,6 +47,26 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
+        self.cpu_caches: list[torch.Tensor] = []
+        if num_cpu_blocks:
+            self.cpu_caches = self.backend.allocate_cache(
+                self.model.num_layers,
+                num_cpu_blocks,
+                block_size,
+                self.model.num_kv_heads,
+                self.model.head_dim,
+                self.dtype,
+                torch.device("cpu"),
+            )
+
+    @torch.inference_mode()
+    def swap_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Copies (device, CPU) pairs to the CPU pool, then (CPU, device) pairs back, in that order:
+        a device block read by a swap-out may be written by a swap-in of the same step."""
+        if swap_out:
+            self.backend.copy_blocks(self.kv_caches, self.cpu_caches, swap_out)
+        if swap_in:
+            self.backend.copy_blocks(self.cpu_caches, self.kv_caches, swap_in)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:

@@ -73,7 +73,19 @@ class RequestContext:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: only http.disconnect remains to be seen
 
-        await self.app(scope, replay, send_with_id)
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send_with_id(message)
+
+        try:
+            await self.app(scope, replay, send_tracked)
+        except Exception:  # never a traceback to the client; the log line carries the request id
+            logger.exception("unexpected error")
+            if not started:
+                await internal_error(request_id).response()(scope, receive, send_with_id)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole request body, or None when it exceeds the limit."""
@@ -197,8 +209,3 @@ def _add_error_handlers(app: FastAPI) -> None:
         kind = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
         return APIError(exc.status_code, str(exc.detail), code=kind).response()
 
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        request_id = request_id_var.get() or "unknown"
-        logger.exception("unexpected error", exc_info=exc)
-        return internal_error(request_id).response()

@@ -88,7 +88,6 @@ async def create_completion(body: CompletionRequest, http: Request, state: Serve
                                  prompt_logprobs)
         generations.append(Generation(engine, tokenizer, f"{request_id}-{i}", ids, params,
                                       priority_of(body, http), tenant, index_offset=i * body.n))
-    echoes = [(text if text is not None else tokenizer.decode(ids)) if body.echo else "" for text, ids in prompts]
     created = int(time.time())
     accounting = Accounting(state, generations, tenant)
 
@@ -100,11 +99,15 @@ async def create_completion(body: CompletionRequest, http: Request, state: Serve
         return sse(payload)
 
     def echo_of(index: int) -> tuple[str, tuple[list[int], list] | None]:
+        """The prompt text to echo (decoded only once the engine has accepted the token ids)."""
+        if not body.echo:
+            return "", None
         generation = generations[index // body.n]
+        text, ids = prompts[index // body.n]
         prompt = None
         if body.logprobs is not None and generation.prompt_logprobs is not None:
             prompt = (generation.prompt_token_ids, generation.prompt_logprobs)
-        return echoes[index // body.n], prompt
+        return (text if text is not None else tokenizer.decode(ids)), prompt
 
     async def events() -> AsyncIterator[bytes]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

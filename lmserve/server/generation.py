@@ -92,8 +92,8 @@ class Generation:
                 self.num_cached_tokens = out.num_cached_tokens
             if out.prompt_logprobs is not None and self.prompt_logprobs is None:
                 self.prompt_logprobs = out.prompt_logprobs
-            if out.queue_seconds is not None and self.queue_seconds is None:
-                self.queue_seconds = out.queue_seconds
+            if out.queue_time is not None and self.queue_seconds is None:
+                self.queue_seconds = out.queue_time
             seq.num_tokens += len(out.new_token_ids)
             text = seq.stream.push(out.new_token_ids)
             finish = out.finish_reason.value if out.finish_reason is not None else None

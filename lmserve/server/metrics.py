@@ -35,29 +35,67 @@ class _EngineCollector(Collector):
 
     def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
         self.stats = stats
-        self.labels = {"model_name": model_name}
+        self.model_name = model_name
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats()
-        names = list(self.labels)
-        values = list(self.labels.values())
         for name, doc, value in (
             ("num_requests_running", "Sequences running (holding KV blocks).", s.num_running),
             ("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting),
-            ("num_requests_swapped", "Sequences swapped out to the CPU pool.", getattr(s, "num_swapped", 0)),
+            ("num_requests_swapped", "Sequences swapped out to the CPU pool.", s.num_swapped),
             ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", s.kv_cache_usage),
+            ("cpu_kv_cache_usage_perc", "Fraction of the CPU swap pool in use.", s.cpu_kv_cache_usage),
+            ("num_queued_requests", "Requests not started yet (bounded by max_queued_requests).",
+             s.num_queued_requests),
+            ("num_queued_tokens", "Prompt tokens of requests not started yet.", s.num_queued_tokens),
         ):
-            gauge = GaugeMetricFamily(f"lmserve:{name}", doc, labels=names)
-            gauge.add_metric(values, value)
-            yield gauge
+            yield self._family(GaugeMetricFamily, name, doc, value)
         for name, doc, value in (
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
-            ("num_preemptions", "Sequences preempted for lack of KV blocks.", s.num_preemptions),
+            ("num_preemptions", "Sequences preempted for lack of KV blocks (both modes).", s.num_preemptions),
+            ("request_timeouts", "Sequences ended by their queue timeout or deadline.", s.num_timeouts),
+            ("requests_rejected", "Requests refused by admission control (429).", s.num_rejected),
+            ("blocks_swapped_out", "KV blocks copied to the CPU pool.", s.num_blocks_swapped_out),
+            ("blocks_swapped_in", "KV blocks copied back from the CPU pool.", s.num_blocks_swapped_in),
         ):
-            counter = CounterMetricFamily(f"lmserve:{name}", doc, labels=names)
-            counter.add_metric(values, value)
-            yield counter
+            yield self._family(CounterMetricFamily, name, doc, value)
+        by_mode = CounterMetricFamily("lmserve:preemptions", "Preemptions by mode.", labels=["model_name", "mode"])
+        by_mode.add_metric([self.model_name, "recompute"], s.num_recompute_preemptions)
+        by_mode.add_metric([self.model_name, "swap"], s.num_swap_preemptions)
+        yield by_mode
+        yield from self._tenant_families(s)
+
+    def _family(self, kind: type, name: str, doc: str, value: float) -> Metric:
+        family = kind(f"lmserve:{name}", doc, labels=["model_name"])
+        family.add_metric([self.model_name], value)
+        return family
+
+    def _tenant_families(self, s: EngineStats) -> Iterator[Metric]:
+        """Per tenant label: the first tenants seen each get one, the rest share "other"."""
+        labels = ["model_name", "tenant"]
+        gauges = {
+            "tenant_requests_running": "Sequences running, by tenant.",
+            "tenant_requests_waiting": "Sequences waiting, by tenant.",
+        }
+        counters = {
+            "tenant_requests_started": "Sequences started, by tenant.",
+            "tenant_queue_time_seconds": "Seconds waited before starting, summed, by tenant.",
+            "tenant_prompt_tokens": "Prompt tokens of started sequences, by tenant.",
+            "tenant_generation_tokens": "Tokens generated, by tenant.",
+        }
+        families = {name: GaugeMetricFamily(f"lmserve:{name}", doc, labels=labels) for name, doc in gauges.items()}
+        families.update({name: CounterMetricFamily(f"lmserve:{name}", doc, labels=labels)
+                         for name, doc in counters.items()})
+        for tenant, t in s.tenants.items():
+            key = [self.model_name, tenant]
+            families["tenant_requests_running"].add_metric(key, t.num_running)
+            families["tenant_requests_waiting"].add_metric(key, t.num_waiting)
+            families["tenant_requests_started"].add_metric(key, t.num_started)
+            families["tenant_queue_time_seconds"].add_metric(key, t.queue_time_seconds_sum)
+            families["tenant_prompt_tokens"].add_metric(key, t.num_prompt_tokens)
+            families["tenant_generation_tokens"].add_metric(key, t.num_generation_tokens)
+        yield from families.values()
 
 
 class _GPUCollector(Collector):

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from lmserve.engine.async_engine import EngineDeadError
+from lmserve.engine.errors import EngineOverloaded
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.server.errors import APIError, bad_request, model_not_found, overloaded, unavailable
 from lmserve.server.generation import Generation
@@ -233,8 +234,8 @@ class EventStreamResponse(Response):
 
 def engine_error(exc: Exception) -> APIError | None:
     """The HTTP error for what the engine raised when a request was submitted; None if unexpected."""
-    if type(exc).__name__ == "EngineOverloaded":
-        return overloaded(str(exc), float(getattr(exc, "retry_after", None) or 1.0))
+    if isinstance(exc, EngineOverloaded):
+        return overloaded(str(exc), exc.retry_after or 1.0)
     if isinstance(exc, EngineDeadError):
         return unavailable(str(exc))
     if isinstance(exc, ValueError):

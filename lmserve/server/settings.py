@@ -62,6 +62,10 @@ ALIASES = {
     "num_gpu_blocks": "num_blocks",
     "kv_cache_memory_bytes": "kv_cache_memory",
     "enable_radix_cache": "enable_prefix_caching",
+    "cpu_blocks": "num_cpu_blocks",
+    "num_swap_blocks": "num_cpu_blocks",
+    "swap_space": "swap_space_bytes",
+    "policy": "scheduling_policy",
 }
 
 SOURCES = [ServerOptions, ModelConfig, CacheConfig, SchedulerConfig]

@@ -23,3 +23,16 @@ def make_seq(num_prompt_tokens: int, max_tokens: int = 16, first_token: int = 1,
         arrival_time=float(seq_id),
         **kwargs,
     )
+
+
+class FakeClock:
+    """An engine clock that moves only when told: tests measure time in steps, not seconds."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float = 1.0) -> None:
+        self.now += seconds

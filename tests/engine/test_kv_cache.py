@@ -85,3 +85,64 @@ def test_prefix_caching_off_never_hits():
     seq.num_computed_tokens = 4
     kv.cache_blocks(seq)
     assert kv.get_computed_blocks(make_seq(4)) == []
+
+
+def computed(seq, num_tokens):
+    seq.num_computed_tokens = num_tokens
+    return seq
+
+
+def test_swap_out_copies_computed_blocks_only_and_frees_the_device_blocks():
+    kv = KVCacheManager(num_blocks=4, block_size=4, num_cpu_blocks=4)
+    seq = make_seq(9)
+    kv.allocate_slots(seq, 9)
+    computed(seq, 6)  # 9 slots allocated, 6 tokens written: blocks 0 and 1 hold KV
+    assert kv.swap_out(seq) == [(0, 0), (1, 1)]
+    assert kv.block_ids(seq) == [] and kv.cpu_block_ids(seq) == [0, 1]
+    assert kv.num_free_blocks == 4 and kv.num_free_cpu_blocks == 2 and kv.cpu_usage == 0.5
+
+
+def test_swap_out_changes_nothing_when_the_cpu_pool_is_short():
+    kv = KVCacheManager(num_blocks=4, block_size=4, num_cpu_blocks=1)
+    seq = make_seq(8)
+    kv.allocate_slots(seq, 8)
+    computed(seq, 8)
+    assert kv.swap_out(seq) is None
+    assert kv.block_ids(seq) == [0, 1] and kv.num_free_cpu_blocks == 1
+
+
+def test_swap_in_restores_into_new_device_blocks_and_holds_cpu_blocks_until_released():
+    kv = KVCacheManager(num_blocks=4, block_size=4, num_cpu_blocks=4)
+    first, second = make_seq(5), make_seq(5, first_token=50)
+    for seq in (first, second):
+        kv.allocate_slots(seq, 5)
+        computed(seq, 5)
+    assert kv.swap_out(first) == [(0, 0), (1, 1)]
+    assert kv.swap_in(first, 1) == [(0, 0), (1, 1)]  # the uncached blocks it left are reused first
+    assert kv.block_ids(first) == [0, 1] and kv.cpu_block_ids(first) == []
+    # Within the same step a swap-out must not write the CPU blocks a swap-in is reading.
+    assert kv.swap_out(second) == [(2, 2), (3, 3)]
+    assert kv.num_free_cpu_blocks == 0
+    kv.release_swapped_in()
+    assert kv.num_free_cpu_blocks == 2
+
+
+def test_swap_in_changes_nothing_when_device_blocks_do_not_fit():
+    kv = KVCacheManager(num_blocks=2, block_size=4, num_cpu_blocks=2)
+    seq = make_seq(5)
+    kv.allocate_slots(seq, 5)
+    computed(seq, 5)
+    kv.swap_out(seq)
+    kv.allocate_slots(make_seq(2, first_token=80), 2)  # takes one of the two device blocks
+    assert kv.swap_in(seq, 1) is None
+    assert kv.cpu_block_ids(seq) == [0, 1] and kv.num_free_blocks == 1
+
+
+def test_free_releases_a_swapped_out_sequences_cpu_blocks():
+    kv = KVCacheManager(num_blocks=2, block_size=4, num_cpu_blocks=2)
+    seq = make_seq(5)
+    kv.allocate_slots(seq, 5)
+    computed(seq, 5)
+    kv.swap_out(seq)
+    kv.free(seq)
+    assert kv.cpu_block_ids(seq) == [] and kv.num_free_cpu_blocks == 2 and kv.num_free_blocks == 2

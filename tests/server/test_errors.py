@@ -89,3 +89,8 @@ def test_api_key(start_server):
     ok = httpx.post(server.url + "/v1/completions", json=payload, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
     assert httpx.get(server.url + "/health").status_code == 200  # probes need no key
+
+
+def test_token_ids_outside_the_vocabulary_with_echo_are_400_not_500(server):
+    payload = {"model": MODEL_NAME, "prompt": [-1], "echo": True}
+    assert "outside the vocabulary" in error_of(httpx.post(server.url + "/v1/completions", json=payload), 400)["message"]

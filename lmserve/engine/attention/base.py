@@ -35,6 +35,13 @@ class AttentionBackend(Protocol):
     ) -> list[torch.Tensor]:
         ...
 
+    def copy_blocks(
+        self, src_caches: list[torch.Tensor], dst_caches: list[torch.Tensor], pairs: list[tuple[int, int]]
+    ) -> None:
+        """For each (src, dst) pair, copies block src of every layer's source cache to block dst of
+        its destination cache; the caches may be on different devices (swap)."""
+        ...
+
     def forward(
         self,
         layer: Attention,

@@ -86,6 +86,17 @@ class TorchAttentionBackend:
         shape = (2, num_kv_heads, num_blocks, block_size, head_dim)
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
+    def copy_blocks(
+        self, src_caches: list[torch.Tensor], dst_caches: list[torch.Tensor], pairs: list[tuple[int, int]]
+    ) -> None:
+        if not pairs:
+            return
+        src_ids = torch.tensor([src for src, _ in pairs], dtype=torch.long, device=src_caches[0].device)
+        dst_ids = torch.tensor([dst for _, dst in pairs], dtype=torch.long, device=dst_caches[0].device)
+        for src, dst in zip(src_caches, dst_caches):
+            # Block axis 2 of [2, num_kv_heads, num_blocks, block_size, head_dim].
+            dst.index_copy_(2, dst_ids, src.index_select(2, src_ids).to(dst.device))
+
     def build_metadata(
         self, slices: list[SequenceSlice], slot_mapping: torch.Tensor, device: torch.device
     ) -> TorchAttentionMetadata:
