@@ -43,9 +43,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.results import write_section  # noqa: E402
-from lmserve.gateway.keystore import KeyStore  # noqa: E402
-from lmserve.gateway.upstream import UpstreamPool  # noqa: E402
+from benchmarks.results import write_section
+from lmserve.gateway.keystore import KeyStore
+from lmserve.gateway.upstream import UpstreamPool
 
 VENVS = REPO / "benchmarks" / ".venvs"
 LOAD_CORE, GATEWAY_CORE = "0", "1"
@@ -78,6 +78,11 @@ def wait_http(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = 
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not come up in {timeout}s")
+
+
+def _log(path: Path) -> int:
+    """A file descriptor for a child's stderr (the child keeps it; closed when this script exits)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
 
 def ensure_venv(name: str, requirement: str) -> Path:
@@ -116,7 +121,7 @@ def start_lmserve(upstream: str, tmp: Path) -> Target:
     path = tmp / "lmserve-gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(pinned(GATEWAY_CORE, [sys.executable, "-m", "lmserve.cli", "gateway", "-c", str(path)]),
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp / "lmserve.log", "wb"))
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=_log(tmp / "lmserve.log"))
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc=proc)
     return Target("lmserve gateway", url, {"authorization": f"Bearer {key}"}, proc)
@@ -133,7 +138,7 @@ def start_litellm(upstream: str, tmp: Path) -> Target:
     env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
     proc = subprocess.Popen(pinned(GATEWAY_CORE, [str(venv / "bin" / "litellm"), "--config", str(path), "--host",
                                                   "127.0.0.1", "--port", str(port), "--num_workers", "1"]),
-                            cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "litellm.log", "wb"))
+                            cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=_log(tmp / "litellm.log"))
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health/liveliness", timeout=300, proc=proc)
     return Target("LiteLLM proxy", url, {"authorization": f"Bearer {MASTER_KEY}"}, proc)
@@ -146,7 +151,7 @@ def start_vllm_router(upstream: str, tmp: Path) -> Target:
                                                   "--port", str(port), "--worker-urls", upstream,
                                                   "--policy", "round_robin", "--log-level", "warning",
                                                   "--prometheus-port", str(free_port())]),
-                            cwd=tmp, stdout=subprocess.DEVNULL, stderr=open(tmp / "vllm-router.log", "wb"))
+                            cwd=tmp, stdout=subprocess.DEVNULL, stderr=_log(tmp / "vllm-router.log"))
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", timeout=120, proc=proc)
     return Target("vllm-router", url, {}, proc)
@@ -253,8 +258,9 @@ def table(results: list[Result], args: argparse.Namespace, load: str) -> str:
     med = statistics.median
     direct = results[0]
     by_name = {r.name: r for r in results}
-    rows = ["| target | max req/s @64 conn | errors | p50 ms @200 req/s | added p50 ms | p99 ms | added p99 ms "
-            "| stream TTFB p50 ms | TTFB p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| target | max req/s @64 conn | errors | p50 ms @200 req/s | added p50 ms | p99 ms | added p99 ms "
+              "| stream TTFB p50 ms | TTFB p99 ms |")
+    rows = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         added50 = "-" if r is direct else f"{med(r.p50) - med(direct.p50):+.3f}"
         added99 = "-" if r is direct else f"{med(r.p99) - med(direct.p99):+.3f}"
@@ -273,15 +279,15 @@ def table(results: list[Result], args: argparse.Namespace, load: str) -> str:
                      f"(target < 1 ms: {'met' if added < 1 else 'NOT met'})")
     lines += [
         "",
-        f"Command: `{' '.join(['python', 'benchmarks/gateway_overhead.py', *sys.argv[1:]])}`; "
-        f"medians of {args.repeat} run(s); wrk -t1 -c64 -d{args.duration}s; "
-        f"{args.latency_seconds:.0f} s at {args.rate:.0f} req/s open loop; 500 streamed requests at 50 req/s for TTFB. "
-        f"Load average before the run: {load}.",
+        (f"Command: `{' '.join(['python', 'benchmarks/gateway_overhead.py', *sys.argv[1:]])}`; "
+         f"medians of {args.repeat} run(s); wrk -t1 -c64 -d{args.duration}s; "
+         f"{args.latency_seconds:.0f} s at {args.rate:.0f} req/s open loop; 500 streamed requests at 50 req/s "
+         f"for TTFB. Load average before the run: {load}."),
         "",
-        "Set-up: one mock upstream (benchmarks/mock_upstream.py, canned responses). Each gateway is pinned alone "
-        "to core 1; wrk, the mock and the latency client share core 0 (`direct` = the load side's own ceiling). "
-        "lmserve: API-key auth and per-key RPM+TPM limits (in-process) on, access log off. "
-        "LiteLLM proxy: master key on, 1 worker. vllm-router: round_robin, no auth. All log at warning level.",
+        ("Set-up: one mock upstream (benchmarks/mock_upstream.py, canned responses). Each gateway is pinned alone "
+         "to core 1; wrk, the mock and the latency client share core 0 (`direct` = the load side's own ceiling). "
+         "lmserve: API-key auth and per-key RPM+TPM limits (in-process) on, access log off. "
+         "LiteLLM proxy: master key on, 1 worker. vllm-router: round_robin, no auth. All log at warning level."),
     ]
     return "\n".join(lines)
 
@@ -300,7 +306,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: apt-get install wrk")
-    load = open("/proc/loadavg").read().split()[0]
+    load = Path("/proc/loadavg").read_text().split()[0]
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     mock_port = free_port()
     mock = subprocess.Popen(pinned(LOAD_CORE, [sys.executable, str(REPO / "benchmarks" / "mock_upstream.py"),

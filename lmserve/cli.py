@@ -13,7 +13,7 @@ app = typer.Typer(
 )
 
 # Gateway (issue 5): heavy imports stay inside the commands.
-from lmserve.gateway.cli import gateway_command, keys_app  # noqa: E402
+from lmserve.gateway.cli import gateway_command, keys_app
 
 app.command("gateway")(gateway_command)
 app.add_typer(keys_app, name="keys")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from typing import Optional
 
 import typer
 
@@ -15,12 +14,12 @@ _DB_HELP = "SQLAlchemy database URL (default: the gateway config's, else sqlite:
 
 
 def gateway_command(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Gateway YAML file."),
-    host: Optional[str] = typer.Option(None, help="Listen address."),
-    port: Optional[int] = typer.Option(None, help="Listen port."),
-    redis_url: Optional[str] = typer.Option(None, help="Share limits and cache through this Redis."),
-    database_url: Optional[str] = typer.Option(None, help=_DB_HELP),
-    admin_key: Optional[str] = typer.Option(None, help="Bearer token for /admin/*."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Gateway YAML file."),
+    host: str | None = typer.Option(None, help="Listen address."),
+    port: int | None = typer.Option(None, help="Listen port."),
+    redis_url: str | None = typer.Option(None, help="Share limits and cache through this Redis."),
+    database_url: str | None = typer.Option(None, help=_DB_HELP),
+    admin_key: str | None = typer.Option(None, help="Bearer token for /admin/*."),
 ) -> None:
     """Run the gateway in front of OpenAI-compatible backends."""
     from lmserve.gateway.config import load_config
@@ -61,15 +60,15 @@ def _parse_expiry(value: str | None) -> dt.datetime | None:
 @keys_app.command("create")
 def create(
     name: str = typer.Option(..., help="Who the key is for."),
-    models: Optional[str] = typer.Option(None, help="Comma-separated models the key may use (default: all)."),
-    rpm: Optional[int] = typer.Option(None, help="Requests per minute."),
-    tpm: Optional[int] = typer.Option(None, help="Tokens per minute."),
-    budget_tokens: Optional[int] = typer.Option(None, help="Lifetime token budget."),
-    tenant: Optional[str] = typer.Option(None, help="Tenant the key belongs to."),
+    models: str | None = typer.Option(None, help="Comma-separated models the key may use (default: all)."),
+    rpm: int | None = typer.Option(None, help="Requests per minute."),
+    tpm: int | None = typer.Option(None, help="Tokens per minute."),
+    budget_tokens: int | None = typer.Option(None, help="Lifetime token budget."),
+    tenant: str | None = typer.Option(None, help="Tenant the key belongs to."),
     priority: str = typer.Option("normal", help="high, normal or low (load shedding order)."),
-    expires: Optional[str] = typer.Option(None, help="30d, 12h, 45m, or an ISO date."),
-    database_url: Optional[str] = typer.Option(None, help=_DB_HELP),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Gateway YAML (for its database URL)."),
+    expires: str | None = typer.Option(None, help="30d, 12h, 45m, or an ISO date."),
+    database_url: str | None = typer.Option(None, help=_DB_HELP),
+    config: str | None = typer.Option(None, "--config", "-c", help="Gateway YAML (for its database URL)."),
 ) -> None:
     """Create a key. The key is printed once; only its hash is stored."""
     store = _store(database_url, config)
@@ -83,16 +82,16 @@ def create(
 
 
 @keys_app.command("list")
-def list_keys(database_url: Optional[str] = typer.Option(None, help=_DB_HELP),
-              config: Optional[str] = typer.Option(None, "--config", "-c")) -> None:
+def list_keys(database_url: str | None = typer.Option(None, help=_DB_HELP),
+              config: str | None = typer.Option(None, "--config", "-c")) -> None:
     """List keys (ids, prefixes, limits; never the keys themselves)."""
     typer.echo(json.dumps([k.as_dict() for k in _store(database_url, config).list_keys()], indent=2))
 
 
 @keys_app.command("revoke")
 def revoke(key_id: str = typer.Argument(..., help="Key id or shown prefix."),
-           database_url: Optional[str] = typer.Option(None, help=_DB_HELP),
-           config: Optional[str] = typer.Option(None, "--config", "-c")) -> None:
+           database_url: str | None = typer.Option(None, help=_DB_HELP),
+           config: str | None = typer.Option(None, "--config", "-c")) -> None:
     """Revoke a key (gateways stop accepting it within their key cache TTL, 5 s by default)."""
     if not _store(database_url, config).revoke(key_id):
         typer.echo(f"no live key {key_id!r}", err=True)
@@ -101,8 +100,8 @@ def revoke(key_id: str = typer.Argument(..., help="Key id or shown prefix."),
 
 
 @keys_app.command("usage")
-def usage(key_id: Optional[str] = typer.Argument(None, help="Only this key."),
-          database_url: Optional[str] = typer.Option(None, help=_DB_HELP),
-          config: Optional[str] = typer.Option(None, "--config", "-c")) -> None:
+def usage(key_id: str | None = typer.Argument(None, help="Only this key."),
+          database_url: str | None = typer.Option(None, help=_DB_HELP),
+          config: str | None = typer.Option(None, "--config", "-c")) -> None:
     """Token and request totals per key and model, from the usage ledger."""
     typer.echo(json.dumps(_store(database_url, config).usage(key_id), indent=2))

@@ -14,7 +14,15 @@ from typing import Any
 
 import orjson
 
-from lmserve.gateway.asgi import ClientDisconnected, Receive, Send, header_map, read_body, send_bytes, send_error
+from lmserve.gateway.asgi import (
+    ClientDisconnected,
+    Receive,
+    Send,
+    header_map,
+    read_body,
+    send_bytes,
+    send_error,
+)
 from lmserve.gateway.auth import Authenticator, Principal
 from lmserve.gateway.cache import ResponseCache, cache_key, is_cacheable
 from lmserve.gateway.config import GatewayConfig
@@ -40,7 +48,7 @@ class _Guard:
     timer are set up only once the request has run for `_WATCH_AFTER` seconds.
     """
 
-    __slots__ = ("task", "receive", "total", "reason", "watcher", "timer")
+    __slots__ = ("reason", "receive", "task", "timer", "total", "watcher")
 
     def __init__(self, task: asyncio.Task[Any] | None, receive: Receive, total: float) -> None:
         self.task = task

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 
 from lmserve.gateway.backends import Backend, ModelPool
-from lmserve.gateway.config import BackendConfig, GatewayConfig, HealthConfig, RetryConfig, SheddingConfig
+from lmserve.gateway.config import BackendConfig, GatewayConfig, HealthConfig, RetryConfig
 from lmserve.gateway.routing import RoutingStrategy, make_strategy
 
 
