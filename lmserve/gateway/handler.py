@@ -10,7 +10,8 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import orjson
 
@@ -36,6 +37,7 @@ from lmserve.gateway.tracing import Tracer
 from lmserve.gateway.validation import body_too_large, parse_json, prompt_text, validate
 
 log = logging.getLogger("lmserve.gateway.access")
+_T = TypeVar("_T")
 _PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 _RANK_PRIORITY = ("high", "normal", "low")
 _WATCH_AFTER = 0.05
@@ -143,11 +145,12 @@ class ProxyHandler:
             raise forbidden(f"This key may not use the model `{model}`.")
         extra: list[tuple[bytes, bytes]] = [(b"x-request-id", request_id)]
         if has_limits(principal):
-            state = await self.limiter.admit(principal)
-            if state.reason is not None:
+            state = await self._shared(self.limiter.admit(principal), "rate limiter")  # None: fail open
+            if state is not None and state.reason is not None:
                 self.metrics.rate_limited.labels(state.reason).inc()
                 raise refusal(principal, state, self.limits.window_seconds)
-            extra += limit_headers(principal, state, self.limits.window_seconds)
+            if state is not None:
+                extra += limit_headers(principal, state, self.limits.window_seconds)
         is_stream = body.get("stream") is True
         options = body.get("stream_options")
         wants_usage = bool(is_stream and isinstance(options, dict) and options.get("include_usage"))
@@ -206,7 +209,7 @@ class ProxyHandler:
     async def _serve_cached(self, req: ProxyRequest, send: Send, result: ProxyResult, fresh_only: bool) -> bool:
         if self.cache is None or req.cache_key is None:
             return False
-        hit = await self.cache.get(req.cache_key)
+        hit = await self._shared(self.cache.get(req.cache_key), "cache")
         is_fresh = hit is not None and hit[1] <= self.config.cache.ttl
         if hit is None or (fresh_only and not is_fresh):
             if fresh_only:
@@ -236,9 +239,19 @@ class ProxyHandler:
             self.metrics.child(self.metrics.tokens, result.model, "prompt").inc(prompt)
             self.metrics.child(self.metrics.tokens, result.model, "completion").inc(completion)
             if has_limits(req.principal):
-                await self.limiter.record_tokens(req.principal, prompt + completion)
+                await self._shared(self.limiter.record_tokens(req.principal, prompt + completion), "rate limiter")
         if data is not None and req.cache_key is not None and self.cache is not None:
-            await self.cache.put(req.cache_key, data)
+            await self._shared(self.cache.put(req.cache_key, data), "cache")
+
+    async def _shared(self, call: Awaitable[_T], what: str) -> _T | None:
+        """Runs a call to shared state (Redis). When it fails, the gateway fails open: limits and
+        the cache are skipped for this request, and the failure is logged and counted."""
+        try:
+            return await call
+        except Exception as exc:  # redis errors, connection resets, timeouts
+            self.metrics.child(self.metrics.shared_state_errors, what).inc()
+            log.warning("%s unavailable, failing open: %r", what, exc)
+            return None
 
     async def _send_error(self, send: Send, error: GatewayError, request_id: bytes, req: ProxyRequest | None) -> None:
         extra = req.extra_headers if req is not None else [(b"x-request-id", request_id)]
