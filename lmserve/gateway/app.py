@@ -60,7 +60,8 @@ class Gateway:
         config = self.config
         self.store = await asyncio.to_thread(KeyStore, config.database_url)
         store = self.store
-        auth = Authenticator(store, config.key_cache_ttl, config.jwt, config.auth_required)
+        auth = Authenticator(store, config.key_cache_ttl, config.jwt, config.auth_required,
+                             (config.limits.default_rpm, config.limits.default_tpm))
 
         async def seed_budget(principal_id: str) -> int:
             return await asyncio.to_thread(store.total_tokens, principal_id)

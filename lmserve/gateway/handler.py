@@ -30,7 +30,7 @@ from lmserve.gateway.config import GatewayConfig
 from lmserve.gateway.errors import GatewayError, forbidden, not_found
 from lmserve.gateway.ledger import UsageLedger
 from lmserve.gateway.metrics import GatewayMetrics
-from lmserve.gateway.proxy import Forwarder, ProxyRequest, ProxyResult, _PassThrough, response_headers
+from lmserve.gateway.proxy import Forwarder, PassThrough, ProxyRequest, ProxyResult, response_headers
 from lmserve.gateway.ratelimit import RateLimiter, has_limits, limit_headers, refusal
 from lmserve.gateway.router import Router
 from lmserve.gateway.tracing import Tracer
@@ -255,7 +255,7 @@ class ProxyHandler:
 
     async def _send_error(self, send: Send, error: GatewayError, request_id: bytes, req: ProxyRequest | None) -> None:
         extra = req.extra_headers if req is not None else [(b"x-request-id", request_id)]
-        if isinstance(error, _PassThrough):
+        if isinstance(error, PassThrough):
             await send({"type": "http.response.start", "status": error.status,
                         "headers": response_headers(error.upstream_headers, [
                             *extra, (b"content-length", str(len(error.upstream_body)).encode())])})

@@ -134,7 +134,7 @@ class Forwarder:
     @staticmethod
     def _give_up(last: _Retry | None, budget_spent: bool) -> None:
         if last is not None and last.response is not None:
-            raise _PassThrough(*last.response)
+            raise PassThrough(*last.response)
         if last is None:
             raise unavailable("No healthy backend for this model.")
         status = 504 if last.status == 504 else 502
@@ -265,7 +265,7 @@ class Forwarder:
         await send({"type": "http.response.body", "body": b""})
 
 
-class _PassThrough(GatewayError):
+class PassThrough(GatewayError):
     """The last backend answer of a failed request, handed to the client as it was."""
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

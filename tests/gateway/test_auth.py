@@ -158,3 +158,21 @@ def test_jwt_claims_carry_limits(backends, gateway_factory, tmp_path: Path) -> N
                        algorithm="HS256")
     statuses = [post(gw.url, token).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
+
+
+def test_default_limits_apply_to_keys_without_their_own(tmp_path: Path) -> None:
+    import asyncio
+
+    from lmserve.gateway.auth import Authenticator
+
+    store = KeyStore(f"sqlite:///{tmp_path / 'k.db'}")
+    plain, _ = store.create_key("no-limits")
+    own, _ = store.create_key("own", rpm=7)
+    auth = Authenticator(store, 5.0, None, default_limits=(100, 5000))
+
+    async def run() -> tuple:
+        return (await auth.authenticate(f"Bearer {plain}".encode()), await auth.authenticate(f"Bearer {own}".encode()))
+
+    first, second = asyncio.run(run())
+    assert (first.rpm, first.tpm) == (100, 5000)
+    assert (second.rpm, second.tpm) == (7, 5000)
