@@ -261,12 +261,16 @@ def table(results: list[Result], args: argparse.Namespace, load: str) -> str:
     header = ("| target | max req/s @64 conn | errors | p50 ms @200 req/s | added p50 ms | p99 ms | added p99 ms "
               "| stream TTFB p50 ms | TTFB p99 ms |")
     rows = [header, "|---|---|---|---|---|---|---|---|---|"]
+    saturated = [r.name for r in results if med(r.rps) < args.rate]
     for r in results:
         added50 = "-" if r is direct else f"{med(r.p50) - med(direct.p50):+.3f}"
         added99 = "-" if r is direct else f"{med(r.p99) - med(direct.p99):+.3f}"
         rows.append(f"| {r.name} | {med(r.rps):.0f} | {r.errors} | {med(r.p50):.3f} | {added50} | {med(r.p99):.3f} "
                     f"| {added99} | {med(r.ttfb_p50):.3f} | {med(r.ttfb_p99):.3f} |")
     lines = ["\n".join(rows), ""]
+    if saturated:
+        lines.append(f"- {', '.join(saturated)}: max req/s below {args.rate:.0f}, so the fixed-rate run queues "
+                     "and its latency there measures the backlog, not per-request overhead.")
     ours = by_name.get("lmserve gateway")
     for other, target in (("LiteLLM proxy", 20.0), ("vllm-router", 0.5)):
         if ours and other in by_name:

@@ -176,3 +176,18 @@ def test_default_limits_apply_to_keys_without_their_own(tmp_path: Path) -> None:
     first, second = asyncio.run(run())
     assert (first.rpm, first.tpm) == (100, 5000)
     assert (second.rpm, second.tpm) == (7, 5000)
+
+
+def test_gateway_on_postgresql_keys_and_ledger(backends, gateway_factory, tmp_path: Path, postgres_url: str) -> None:
+    a = backends("a")
+    gw = gateway_factory(base_config(tmp_path, [{"name": "m", "backends": [{"url": a.url}]}],
+                                     database_url=postgres_url))
+    created = gw.admin("POST", "/admin/keys", json={"name": "pg", "tpm": 1000}).json()
+    assert post(gw.url, created["key"]).status_code == 200
+    deadline = time.monotonic() + 10
+    rows: list = []
+    while not rows and time.monotonic() < deadline:
+        rows = KeyStore(postgres_url).usage(created["id"])
+        time.sleep(0.1)
+    assert rows == [{"key_id": created["id"], "model": "m", "requests": 1, "prompt_tokens": 10,
+                     "completion_tokens": 5, "cached_tokens": 0}]
