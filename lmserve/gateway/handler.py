@@ -102,6 +102,7 @@ class ProxyHandler:
         self.ledger = ledger
         self.metrics = metrics
         self.tracer = tracer
+        self._background: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.monotonic()
@@ -269,7 +270,9 @@ class ProxyHandler:
         model = result.model or (req.pool.name if req is not None else "-")
         if req is not None and result.is_started and not result.is_recorded:
             # The client left mid-response: account what was streamed (no await: the task is ending).
-            asyncio.get_running_loop().create_task(self.on_complete(req, result, None))
+            task = asyncio.get_running_loop().create_task(self.on_complete(req, result, None))
+            self._background.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._background.discard)
         metrics = self.metrics
         metrics.child(metrics.requests, model, result.backend, str(result.status)).inc()
         metrics.child(metrics.latency, model).observe(elapsed)
