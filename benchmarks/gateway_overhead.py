@@ -254,6 +254,16 @@ def measure(target: Target, result: Result, args: argparse.Namespace, tmp: Path)
           f"p99 {result.p99[-1]:.3f} ms, stream TTFB p50 {result.ttfb_p50[-1]:.3f} ms", flush=True)
 
 
+def client_table(upstream: str) -> str:
+    """benchmarks/upstream_clients.py on the gateway's core: CPU cost of the upstream client alone."""
+    out = subprocess.run(pinned(GATEWAY_CORE, [sys.executable, str(REPO / "benchmarks" / "upstream_clients.py"),
+                                               "--url", upstream]), capture_output=True, text=True, check=True)
+    rows = ["| upstream client (64 in flight, one core, uvloop) | req/s |", "|---|---|"]
+    rows += [f"| {name} | {rate.split()[0]} |" for name, rate in
+             (line.rsplit(": ", 1) for line in out.stdout.strip().splitlines())]
+    return "\n".join(rows)
+
+
 def table(results: list[Result], args: argparse.Namespace, load: str) -> str:
     med = statistics.median
     direct = results[0]
@@ -332,10 +342,11 @@ def main() -> None:
                     measure(target, result, args, tmp)
                 finally:
                     target.stop()
+        clients = client_table(upstream)
     finally:
         mock.terminate()
         mock.wait(5)
-    markdown = table(results, args, load)
+    markdown = table(results, args, load) + "\n\nWhy a custom upstream client (`benchmarks/upstream_clients.py`):\n\n" + clients
     print(markdown)
     if not args.no_write:
         write_section("gateway_overhead", "## Gateway overhead\n\n" + markdown)
