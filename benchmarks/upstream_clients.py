@@ -21,7 +21,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmserve.gateway.upstream import UpstreamPool  # noqa: E402
+from lmserve.gateway.upstream import UpstreamPool
 
 BODY = b'{"model":"mock","messages":[{"role":"user","content":"Say hello."}],"max_tokens":8}'
 CONCURRENCY = 64
