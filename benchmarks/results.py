@@ -35,7 +35,7 @@ def write_section(name: str, body: str, path: Path = RESULTS_PATH) -> None:
     stamp = f"_{datetime.date.today().isoformat()} on {machine_line()}_\n\n"
     block = f"<!-- BEGIN {name} -->\n{stamp}{body.rstrip()}\n<!-- END {name} -->"
     text = path.read_text() if path.exists() else HEADER
-    pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.DOTALL)
+    pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     else:
