@@ -19,6 +19,33 @@ app.command("gateway")(gateway_command)
 app.add_typer(keys_app, name="keys")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from lmserve import __version__
+
+        typer.echo(f"lmserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """lmserve: serve open large language models."""
+
+
+@app.command(
+    "serve",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Serve one model over an OpenAI-compatible HTTP API (lmserve serve --help for every flag)."""
+    from lmserve.server.cli import serve_main
+
+    raise typer.Exit(serve_main(ctx.args))
+
+
 def main() -> None:
     app()
 

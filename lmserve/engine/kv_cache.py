@@ -1,0 +1,145 @@
+"""Block tables of sequences over the block pool: allocation, prefix-cache hits, freeing. Pure Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmserve.engine.block_pool import Block, BlockPool, hash_block
+from lmserve.engine.sequence import Sequence
+
+
+@dataclass
+class PrefixCacheStats:
+    """Token counts of prefix-cache lookups made when sequences were admitted."""
+
+    num_queries: int = 0
+    num_hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_hits / self.num_queries if self.num_queries else 0.0
+
+
+class KVCacheManager:
+    """Maps each running sequence to the blocks that hold its KV entries.
+
+    Invariants: block `i` of a sequence's table holds the KV of its tokens
+    `[i * block_size, (i + 1) * block_size)`; blocks shared between sequences are full and cached,
+    so no sequence ever writes a block another sequence references; a sequence's table covers at
+    least its `num_computed_tokens`.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.prefix_stats = PrefixCacheStats()
+        self._tables: dict[int, list[Block]] = {}
+        self._num_cached_blocks: dict[int, int] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by sequences (cached but unreferenced blocks count as free)."""
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    def block_ids(self, seq: Sequence) -> list[int]:
+        return [block.block_id for block in self._tables.get(seq.seq_id, ())]
+
+    def blocks(self, seq: Sequence) -> list[Block]:
+        return self._tables.get(seq.seq_id, [])
+
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def get_computed_blocks(self, seq: Sequence) -> list[Block]:
+        """Cached blocks that hold a prefix of a sequence that holds no blocks yet.
+
+        At least one token is always left to compute, because its logits are needed.
+        """
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        hit: list[Block] = []
+        for block_hash in self._block_hashes(seq, max_blocks):
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hit.append(block)
+        return hit
+
+    def allocate_slots(
+        self, seq: Sequence, num_new_tokens: int, computed_blocks: list[Block] | None = None
+    ) -> list[Block] | None:
+        """Makes room for `num_new_tokens` more tokens of `seq`; None when the blocks do not fit.
+
+        `computed_blocks` (from `get_computed_blocks`, only when the sequence holds nothing) become
+        the start of its table, covering `len(computed_blocks) * block_size` computed tokens.
+        Returns the newly allocated blocks. Nothing changes when the answer is None.
+        """
+        computed_blocks = computed_blocks or []
+        table = self._tables.get(seq.seq_id)
+        if computed_blocks and table:
+            raise ValueError("computed blocks can only start an empty block table")
+        num_held = len(table) if table else 0
+        num_tokens = seq.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        num_required = self.num_blocks_needed(num_tokens) - num_held - len(computed_blocks)
+        # Cached blocks nobody holds are counted as free; taking them makes them unavailable.
+        num_reclaimed = sum(1 for block in computed_blocks if block.ref_count == 0)
+        if num_required > self.pool.num_free_blocks - num_reclaimed:
+            return None
+        if table is None:
+            table = self._tables[seq.seq_id] = []
+            self._num_cached_blocks[seq.seq_id] = len(computed_blocks)
+            self.prefix_stats.num_queries += seq.num_tokens
+            self.prefix_stats.num_hits += len(computed_blocks) * self.block_size
+        self.pool.touch(computed_blocks)
+        table.extend(computed_blocks)
+        new_blocks = self.pool.allocate(max(num_required, 0))
+        table.extend(new_blocks)
+        return new_blocks
+
+    def cache_blocks(self, seq: Sequence) -> None:
+        """Registers the sequence's full, computed blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        table = self._tables.get(seq.seq_id)
+        if not table:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(table))
+        start = self._num_cached_blocks[seq.seq_id]
+        if num_full <= start:
+            return
+        hashes = self._block_hashes(seq, num_full)
+        for i in range(start, num_full):
+            self.pool.cache(table[i], hashes[i])
+        self._num_cached_blocks[seq.seq_id] = num_full
+
+    def free(self, seq: Sequence) -> None:
+        """Releases every block of the sequence; its full blocks stay in the prefix cache."""
+        table = self._tables.pop(seq.seq_id, None)
+        self._num_cached_blocks.pop(seq.seq_id, None)
+        if table:
+            # Tail blocks are the least likely to be shared: free them first so they are evicted first.
+            self.pool.free(reversed(table))
+
+    def reset_prefix_cache(self) -> int:
+        return self.pool.reset_prefix_cache()
+
+    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The first `num_blocks` chained block hashes of the sequence, computed once each."""
+        hashes = seq.block_hashes
+        size = self.block_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, seq.token_ids[i * size : (i + 1) * size]))
+        return hashes

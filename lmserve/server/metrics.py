@@ -1,0 +1,135 @@
+"""Prometheus metrics of one model server, named as vLLM names them, under `lmserve:`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from lmserve.engine.engine import EngineStats
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                   240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def token_buckets(maximum: int) -> list[float]:
+    """1-2-5 steps up to `maximum` tokens."""
+    buckets, scale = [], 1
+    while True:
+        for step in (1, 2, 5):
+            value = step * scale
+            if value > maximum:
+                return buckets
+            buckets.append(float(value))
+        scale *= 10
+
+
+class _EngineCollector(Collector):
+    """Gauges and cumulative counters read from the engine's latest stats at scrape time."""
+
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
+        self.stats = stats
+        self.labels = {"model_name": model_name}
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        names = list(self.labels)
+        values = list(self.labels.values())
+        for name, doc, value in (
+            ("num_requests_running", "Sequences running (holding KV blocks).", s.num_running),
+            ("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting),
+            ("num_requests_swapped", "Sequences swapped out to the CPU pool.", getattr(s, "num_swapped", 0)),
+            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", s.kv_cache_usage),
+        ):
+            gauge = GaugeMetricFamily(f"lmserve:{name}", doc, labels=names)
+            gauge.add_metric(values, value)
+            yield gauge
+        for name, doc, value in (
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
+            ("num_preemptions", "Sequences preempted for lack of KV blocks.", s.num_preemptions),
+        ):
+            counter = CounterMetricFamily(f"lmserve:{name}", doc, labels=names)
+            counter.add_metric(values, value)
+            yield counter
+
+
+class _GPUCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        import torch
+
+        gauge = GaugeMetricFamily("lmserve:gpu_memory_used_bytes", "GPU memory held by PyTorch.", labels=["device"])
+        for i in range(torch.cuda.device_count()):
+            gauge.add_metric([str(i)], torch.cuda.memory_allocated(i))
+        yield gauge
+
+
+class ServerMetrics:
+    """Owns a registry (no global state); request counters are updated as requests end."""
+
+    def __init__(self, model_name: str, max_model_len: int, stats: Callable[[], EngineStats], has_gpu: bool) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+        self.prompt_tokens = Counter("lmserve:prompt_tokens", "Prompt tokens processed.", labels, registry=r)
+        self.generation_tokens = Counter("lmserve:generation_tokens", "Tokens generated.", labels, registry=r)
+        self.request_success = Counter(
+            "lmserve:request_success", "Requests finished, by reason.", labels + ["finished_reason"], registry=r
+        )
+        self.ttft = Histogram("lmserve:time_to_first_token_seconds", "Time to first token.", labels,
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("lmserve:inter_token_latency_seconds", "Time between output tokens.", labels,
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("lmserve:e2e_request_latency_seconds", "Request latency, arrival to last token.",
+                             labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("lmserve:request_queue_time_seconds", "Time waiting before first scheduled.",
+                                    labels, buckets=LATENCY_BUCKETS, registry=r)
+        tokens = token_buckets(max_model_len)
+        self.request_prompt_tokens = Histogram("lmserve:request_prompt_tokens", "Prompt tokens per request.",
+                                               labels, buckets=tokens, registry=r)
+        self.request_generation_tokens = Histogram("lmserve:request_generation_tokens",
+                                                   "Generated tokens per request.", labels, buckets=tokens, registry=r)
+        self.iteration_tokens = Histogram("lmserve:iteration_tokens_total", "Tokens computed per engine step.",
+                                          labels, buckets=token_buckets(1 << 16), registry=r)
+        r.register(_EngineCollector(stats, model_name))
+        ProcessCollector(registry=r)
+        if has_gpu:
+            r.register(_GPUCollector())
+        self.model_name = model_name
+
+    def observe_step(self, num_tokens: int) -> None:
+        self.iteration_tokens.labels(self.model_name).observe(num_tokens)
+
+    def observe_request(
+        self,
+        prompt_tokens: int,
+        generation_tokens: int,
+        finish_reason: str,
+        e2e_seconds: float,
+        ttft_seconds: float | None,
+        queue_seconds: float | None,
+        inter_token_seconds: list[float],
+    ) -> None:
+        m = self.model_name
+        self.prompt_tokens.labels(m).inc(prompt_tokens)
+        self.generation_tokens.labels(m).inc(generation_tokens)
+        self.request_success.labels(m, finish_reason).inc()
+        self.e2e.labels(m).observe(e2e_seconds)
+        self.request_prompt_tokens.labels(m).observe(prompt_tokens)
+        self.request_generation_tokens.labels(m).observe(generation_tokens)
+        if ttft_seconds is not None:
+            self.ttft.labels(m).observe(ttft_seconds)
+        if queue_seconds is not None:
+            self.queue_time.labels(m).observe(queue_seconds)
+        itl = self.itl.labels(m)
+        for gap in inter_token_seconds:
+            itl.observe(gap)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,80 @@
+"""Settings of `lmserve serve`: the server's own options plus every engine setting, flat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from lmserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from lmserve.settings import settings_model
+
+
+@dataclass
+class ServerOptions:
+    """How the HTTP server listens and behaves."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0 for every interface)."""
+    port: int = 8000
+    """TCP port to listen on."""
+    api_key: str | None = None
+    """When set, every /v1 request must send 'Authorization: Bearer <api_key>'."""
+    served_model_name: str | None = None
+    """The model name clients send and see; default: the model argument (lmserve-demo for demo)."""
+    ssl_certfile: str | None = None
+    """PEM certificate: serve HTTPS instead of HTTP (with ssl_keyfile)."""
+    ssl_keyfile: str | None = None
+    """PEM private key of ssl_certfile."""
+    drain_timeout: float = 30.0
+    """Seconds SIGTERM waits for in-flight requests before cutting them and exiting."""
+    max_body_bytes: int = 8 * 2**20
+    """Largest request body accepted; larger ones get 413."""
+    log_level: str = "info"
+    """debug, info, warning or error."""
+    warmup: bool = True
+    """Run one short generation before reporting ready."""
+    tensor_parallel_size: int = 1
+    """Devices one model is split across; only 1 is supported (scale out with replicas behind the gateway)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile must be given together")
+        if self.drain_timeout < 0:
+            raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log_level must be debug, info, warning or error; got {self.log_level!r}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                "tensor_parallel_size > 1 is not supported: run more replicas behind `lmserve gateway`"
+            )
+
+
+# Names other serving stacks use for the same settings.
+ALIASES = {
+    "model_name": "model",
+    "model_path": "model",
+    "max_batch_size": "max_num_seqs",
+    "gpu_blocks": "num_blocks",
+    "num_gpu_blocks": "num_blocks",
+    "kv_cache_memory_bytes": "kv_cache_memory",
+    "enable_radix_cache": "enable_prefix_caching",
+}
+
+SOURCES = [ServerOptions, ModelConfig, CacheConfig, SchedulerConfig]
+ServeSettings = settings_model("ServeSettings", SOURCES, ALIASES)
+
+
+def split_settings(settings: Any) -> tuple[ServerOptions, EngineConfig]:
+    """Server options and engine config from validated flat settings (dataclass checks run here)."""
+    values = settings.model_dump()
+    server = ServerOptions(**{f.name: values[f.name] for f in fields(ServerOptions)})
+    engine = EngineConfig(
+        model=ModelConfig(**{f.name: values[f.name] for f in fields(ModelConfig)}),
+        cache=CacheConfig(**{f.name: values[f.name] for f in fields(CacheConfig)}),
+        scheduler=SchedulerConfig(**{f.name: values[f.name] for f in fields(SchedulerConfig)}),
+    )
+    return server, engine

@@ -1,0 +1,91 @@
+"""Every failure answers with the right status and OpenAI's error body."""
+
+import httpx
+import pytest
+
+from tests.server.conftest import MODEL_NAME
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in response.text
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    "payload, param, fragment",
+    [
+        ({"model": MODEL_NAME, "prompt": "x", "max_tokens": "many"}, "max_tokens", "integer"),
+        ({"model": MODEL_NAME, "prompt": "x", "temperature": -1}, None, "temperature must be >= 0"),
+        ({"model": MODEL_NAME, "prompt": "x", "top_p": 1.5}, None, "top_p must be in (0, 1]"),
+        ({"model": MODEL_NAME, "prompt": "x", "max_tokens": 0}, None, "max_tokens must be >= 1"),
+        ({"model": MODEL_NAME, "prompt": "x", "max_tokenz": 3}, "max_tokenz", "Unrecognized request argument"),
+        ({"model": MODEL_NAME, "prompt": ""}, "prompt", "must not be empty"),
+        ({"model": MODEL_NAME, "prompt": []}, "prompt", "must not be empty"),
+        ({"model": MODEL_NAME, "prompt": [1, 99999]}, None, "outside the vocabulary"),
+        ({"model": MODEL_NAME, "prompt": "x", "max_tokens": 2000}, "max_tokens", "maximum context length is 1024"),
+        ({"model": MODEL_NAME, "prompt": "x", "logit_bias": {"5": 1}}, "logit_bias", "not supported"),
+        ({"prompt": "x"}, "model", "Missing required parameter"),
+    ],
+)
+def test_bad_completion_requests_get_400(server, payload, param, fragment):
+    error = error_of(httpx.post(server.url + "/v1/completions", json=payload), 400)
+    assert error["type"] == "invalid_request_error" and fragment in error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    "payload, fragment",
+    [
+        ({"model": MODEL_NAME, "messages": []}, "messages"),
+        ({"model": MODEL_NAME, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+         "tool and function calling is not supported"),
+        ({"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}],
+          "response_format": {"type": "json_object"}}, "only 'text'"),
+        ({"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+         "top_logprobs needs logprobs"),
+    ],
+)
+def test_bad_chat_requests_get_400(server, payload, fragment):
+    assert fragment in error_of(httpx.post(server.url + "/v1/chat/completions", json=payload), 400)["message"]
+
+
+def test_invalid_json_and_wrong_content(server):
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert error_of(r, 400)["code"] == "invalid_json"
+
+
+def test_unknown_model_is_404(server):
+    error = error_of(httpx.post(server.url + "/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+
+
+def test_unknown_route_and_method(server):
+    assert error_of(httpx.get(server.url + "/v1/nothing"), 404)["code"] == "not_found"
+    assert error_of(httpx.get(server.url + "/v1/completions"), 405)["code"] == "method_not_allowed"
+
+
+def test_body_too_large_is_413(server):
+    big = {"model": MODEL_NAME, "prompt": "x" * (9 * 2**20)}
+    assert error_of(httpx.post(server.url + "/v1/completions", json=big), 413)["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(10):
+            yield b" " * 2**20
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert error_of(r, 413)["code"] == "request_too_large"
+
+
+def test_api_key(start_server):
+    server = start_server("--api-key", "s3cret")
+    payload = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 1}
+    assert error_of(httpx.post(server.url + "/v1/completions", json=payload), 401)["code"] == "invalid_api_key"
+    wrong = httpx.post(server.url + "/v1/completions", json=payload, headers={"Authorization": "Bearer nope"})
+    assert error_of(wrong, 401)["code"] == "invalid_api_key"
+    ok = httpx.post(server.url + "/v1/completions", json=payload, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200  # probes need no key
