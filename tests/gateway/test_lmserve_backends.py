@@ -82,6 +82,32 @@ def test_sdk_through_gateway_with_usage_counted_once(lmserve_backends, gateway_f
     assert all(b["healthy"] and b["ready"] for b in health)
 
 
+def per_model_counts(gateway_url: str, model: str) -> dict[str, float]:
+    text = httpx.get(gateway_url + "/metrics").text
+    pattern = rf'lmserve_gateway_requests_total\{{backend="([^"]+)",model="{model}",status="200"\}} ([\d.]+)'
+    return {backend: float(value) for backend, value in re.findall(pattern, text)}
+
+
+def test_strategies_over_real_servers(lmserve_backends, gateway_factory, tmp_path: Path) -> None:
+    a, b = (s.url for s in lmserve_backends)
+    models = [{"name": "rr", "upstream_model": "tiny", "backends": [{"url": a}, {"url": b}]},
+              {"name": "w", "upstream_model": "tiny", "strategy": "weighted",
+               "backends": [{"url": a, "weight": 3}, {"url": b, "weight": 1}]},
+              {"name": "pa", "upstream_model": "tiny", "strategy": "prefix_affinity",
+               "backends": [{"url": a}, {"url": b}]}]
+    gw = gateway_factory(base_config(tmp_path, models))
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.create_key(), max_retries=0, timeout=60)
+    for model, n in (("rr", 6), ("w", 8)):
+        for _ in range(n):
+            client.completions.create(model=model, prompt="The quick", max_tokens=1)
+    assert per_model_counts(gw.url, "rr") == {a: 3.0, b: 3.0}
+    assert per_model_counts(gw.url, "w") == {a: 6.0, b: 2.0}
+    for _ in range(5):  # one session always lands on the same server
+        client.completions.create(model="pa", prompt="The quick", max_tokens=1,
+                                  extra_headers={"x-session-id": "conversation-42"})
+    assert sorted(per_model_counts(gw.url, "pa").values()) == [5.0]
+
+
 def test_one_real_backend_killed_no_request_fails(lmserve_backends, gateway_factory, tmp_path: Path) -> None:
     gw = gateway_factory(base_config(tmp_path, [{"name": "tiny",
                                                  "backends": [{"url": s.url} for s in lmserve_backends]}]))
