@@ -115,14 +115,15 @@ class Forwarder:
                 if backend is None:
                     break
                 tried.add(backend)
+                if not backend.breaker.acquire():
+                    continue  # lost the race for a half-open breaker's single trial
                 if num_attempts > 0:
                     # A retry after a refused connection is free: no backend did any work.
                     is_free = last is not None and last.is_connect
                     if not is_free and not self.router.retry_budget.try_retry():
+                        backend.breaker.cancel()
                         return self._give_up(last, budget_spent=True)
                     result.num_retries += 1
-                if not backend.breaker.acquire():
-                    continue
                 num_attempts += 1
                 try:
                     await self._attempt(req, pool, backend, body, send, result)
