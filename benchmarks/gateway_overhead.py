@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.results import write_section
 from lmserve.gateway.keystore import KeyStore
-from lmserve.gateway.upstream import UpstreamPool
+from lmserve.gateway.upstream import UpstreamError, UpstreamPool
 
 VENVS = REPO / "benchmarks" / ".venvs"
 LOAD_CORE, GATEWAY_CORE = "0", "1"
@@ -103,13 +103,22 @@ class Target:
     proc: subprocess.Popen | None = None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        """Stops the whole process group: launchers (vllm-router's Python wrapper, LiteLLM) leave
+        children behind otherwise."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        except ProcessLookupError:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever the group still holds
+        except ProcessLookupError:
+            pass
 
 
 def start_lmserve(upstream: str, tmp: Path) -> Target:
@@ -121,7 +130,8 @@ def start_lmserve(upstream: str, tmp: Path) -> Target:
     path = tmp / "lmserve-gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(pinned(GATEWAY_CORE, [sys.executable, "-m", "lmserve.cli", "gateway", "-c", str(path)]),
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=_log(tmp / "lmserve.log"))
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=_log(tmp / "lmserve.log"),
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc=proc)
     return Target("lmserve gateway", url, {"authorization": f"Bearer {key}"}, proc)
@@ -138,7 +148,8 @@ def start_litellm(upstream: str, tmp: Path) -> Target:
     env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
     proc = subprocess.Popen(pinned(GATEWAY_CORE, [str(venv / "bin" / "litellm"), "--config", str(path), "--host",
                                                   "127.0.0.1", "--port", str(port), "--num_workers", "1"]),
-                            cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=_log(tmp / "litellm.log"))
+                            cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=_log(tmp / "litellm.log"),
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health/liveliness", timeout=300, proc=proc)
     return Target("LiteLLM proxy", url, {"authorization": f"Bearer {MASTER_KEY}"}, proc)
@@ -151,7 +162,8 @@ def start_vllm_router(upstream: str, tmp: Path) -> Target:
                                                   "--port", str(port), "--worker-urls", upstream,
                                                   "--policy", "round_robin", "--log-level", "warning",
                                                   "--prometheus-port", str(free_port())]),
-                            cwd=tmp, stdout=subprocess.DEVNULL, stderr=_log(tmp / "vllm-router.log"))
+                            cwd=tmp, stdout=subprocess.DEVNULL, stderr=_log(tmp / "vllm-router.log"),
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", timeout=120, proc=proc)
     return Target("vllm-router", url, {}, proc)
@@ -175,7 +187,9 @@ def wrk_max_rps(target: Target, duration: int, tmp: Path) -> tuple[float, int]:
     return rps, num_errors
 
 
-async def _fixed_rate(target: Target, rate: float, num: int, body: bytes, first_byte: bool) -> list[float]:
+async def _fixed_rate(target: Target, rate: float, num: int, body: bytes,
+                      first_byte: bool) -> tuple[list[float], int]:
+    """Latencies of the successful requests, and the number that failed (error status or none)."""
     pool = UpstreamPool()
     headers = [(b"content-type", b"application/json")] + [(k.encode(), v.encode()) for k, v in target.headers.items()]
     latencies: list[float] = []
@@ -185,22 +199,25 @@ async def _fixed_rate(target: Target, rate: float, num: int, body: bytes, first_
     async def one() -> None:
         # Timed from the actual send: the loop's timer jitter (up to 1 ms on uvloop) is not latency.
         nonlocal failures
-        scheduled = time.perf_counter()
-        response = await pool.request(target.url, b"POST", b"/v1/chat/completions", headers, body, 5.0, 30.0)
+        sent = time.perf_counter()
+        latency = None
         try:
-            if first_byte:
+            response = await pool.request(target.url, b"POST", b"/v1/chat/completions", headers, body, 5.0, 30.0)
+            try:
                 async for _ in response.chunks():
-                    latencies.append(time.perf_counter() - scheduled)
-                    break
-                async for _ in response.chunks():
-                    pass
-            else:
-                await response.read()
-                latencies.append(time.perf_counter() - scheduled)
-            if response.status != 200:
-                failures += 1
-        finally:
-            response.release()
+                    if latency is None and first_byte:
+                        latency = time.perf_counter() - sent
+                if not first_byte:
+                    latency = time.perf_counter() - sent
+            finally:
+                response.release()
+        except UpstreamError:
+            failures += 1
+            return
+        if response.status != 200 or latency is None:
+            failures += 1
+        else:
+            latencies.append(latency)
 
     # perf_counter, not loop.time(): uvloop's clock has millisecond resolution.
     start = time.perf_counter() + 0.05
@@ -213,17 +230,18 @@ async def _fixed_rate(target: Target, rate: float, num: int, body: bytes, first_
         tasks.append(loop.create_task(one()))
     await asyncio.gather(*tasks)
     pool.close()
-    if failures:
-        raise RuntimeError(f"{target.name}: {failures} requests failed")
-    return latencies
+    return latencies, failures
 
 
-def fixed_rate(target: Target, rate: float, num: int, body: bytes = BODY, first_byte: bool = False) -> list[float]:
-    uvloop.run(_fixed_rate(target, rate, min(num, 400), body, first_byte))
-    return uvloop.run(_fixed_rate(target, rate, num, body, first_byte))  # the first pass warms connections
+def fixed_rate(target: Target, rate: float, num: int, body: bytes = BODY,
+               first_byte: bool = False) -> tuple[list[float], int]:
+    uvloop.run(_fixed_rate(target, rate, min(num, 400), body, first_byte))  # warms connections
+    return uvloop.run(_fixed_rate(target, rate, num, body, first_byte))
 
 
 def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -244,10 +262,11 @@ def measure(target: Target, result: Result, args: argparse.Namespace, tmp: Path)
     rps, errors = wrk_max_rps(target, args.duration, tmp)
     result.rps.append(rps)
     result.errors += errors
-    latencies = fixed_rate(target, args.rate, int(args.rate * args.latency_seconds))
+    latencies, failed = fixed_rate(target, args.rate, int(args.rate * args.latency_seconds))
     result.p50.append(pct(latencies, 0.5) * 1000)
     result.p99.append(pct(latencies, 0.99) * 1000)
-    ttfb = fixed_rate(target, 50, 500, STREAM_BODY, first_byte=True)
+    ttfb, failed_streams = fixed_rate(target, 50, 500, STREAM_BODY, first_byte=True)
+    result.errors += failed + failed_streams
     result.ttfb_p50.append(pct(ttfb, 0.5) * 1000)
     result.ttfb_p99.append(pct(ttfb, 0.99) * 1000)
     print(f"  {target.name}: {rps:.0f} req/s ({errors} errors), p50 {result.p50[-1]:.3f} ms, "
@@ -268,7 +287,7 @@ def table(results: list[Result], args: argparse.Namespace, load: str) -> str:
     med = statistics.median
     direct = results[0]
     by_name = {r.name: r for r in results}
-    header = ("| target | max req/s @64 conn | errors | p50 ms @200 req/s | added p50 ms | p99 ms | added p99 ms "
+    header = ("| target | max req/s @64 conn | errors (all runs) | p50 ms @200 req/s | added p50 ms | p99 ms | added p99 ms "
               "| stream TTFB p50 ms | TTFB p99 ms |")
     rows = [header, "|---|---|---|---|---|---|---|---|---|"]
     saturated = [r.name for r in results if med(r.rps) < args.rate]
