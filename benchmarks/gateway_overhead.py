@@ -175,7 +175,7 @@ def wrk_max_rps(target: Target, duration: int, tmp: Path) -> tuple[float, int]:
     lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in target.headers.items()]
     script = tmp / "post.lua"
     script.write_text("\n".join(lines) + "\n")
-    out = subprocess.run(pinned(LOAD_CORE, ["wrk", "-t1", "-c64", f"-d{duration}s", "-s", str(script),
+    out = subprocess.run(pinned(LOAD_CORE, ["wrk", "-t1", "-c64", f"-d{duration}s", "--timeout", "10s", "-s", str(script),
                                             target.url + "/v1/chat/completions"]),
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
