@@ -1,6 +1,6 @@
 """Why the gateway has its own upstream client: aiohttp vs httpx vs lmserve's pooled httptools client.
 
-    python benchmarks/upstream_clients.py --url http://127.0.0.1:9000 [--requests 20000]
+    python benchmarks/upstream_clients.py --url http://127.0.0.1:9000 [--seconds 5]
 
 Each client sends the same non-streamed POST with 64 requests in flight over keep-alive connections
 and reads the whole response; the figure is requests/s of one process on uvloop (the gateway's
@@ -27,21 +27,23 @@ BODY = b'{"model":"mock","messages":[{"role":"user","content":"Say hello."}],"ma
 CONCURRENCY = 64
 
 
-async def _drive(one: Callable[[], Awaitable[None]], num_requests: int) -> float:
-    remaining = num_requests
+async def _drive(one: Callable[[], Awaitable[None]], seconds: float) -> float:
+    """Completed requests per second over `seconds` with CONCURRENCY requests in flight."""
+    done = 0
+    deadline = time.perf_counter() + seconds
 
     async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
+        nonlocal done
+        while time.perf_counter() < deadline:
             await one()
+            done += 1
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-    return num_requests / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start)
 
 
-async def bench_lmserve(url: str, num: int) -> float:
+async def bench_lmserve(url: str, seconds: float) -> float:
     pool = UpstreamPool()
     headers = [(b"content-type", b"application/json")]
 
@@ -50,12 +52,12 @@ async def bench_lmserve(url: str, num: int) -> float:
         await response.read()
         response.release()
 
-    rate = await _drive(one, num)
+    rate = await _drive(one, seconds)
     pool.close()
     return rate
 
 
-async def bench_aiohttp(url: str, num: int) -> float:
+async def bench_aiohttp(url: str, seconds: float) -> float:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=CONCURRENCY)
@@ -66,10 +68,10 @@ async def bench_aiohttp(url: str, num: int) -> float:
                                     headers={"content-type": "application/json"}) as response:
                 await response.read()
 
-        return await _drive(one, num)
+        return await _drive(one, seconds)
 
 
-async def bench_httpx(url: str, num: int) -> float:
+async def bench_httpx(url: str, seconds: float) -> float:
     import httpx
 
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
@@ -80,26 +82,26 @@ async def bench_httpx(url: str, num: int) -> float:
                                          headers={"content-type": "application/json"})
             await response.aread()
 
-        return await _drive(one, num)
+        return await _drive(one, seconds)
 
 
 CLIENTS = {"lmserve UpstreamPool (httptools)": bench_lmserve, "aiohttp": bench_aiohttp, "httpx": bench_httpx}
 
 
-def compare(url: str, num_requests: int) -> dict[str, float]:
+def compare(url: str, seconds: float) -> dict[str, float]:
     results = {}
     for name, bench in CLIENTS.items():
-        uvloop.run(bench(url, min(2000, num_requests)))  # warm-up
-        results[name] = uvloop.run(bench(url, num_requests))
+        uvloop.run(bench(url, 1.0))  # warm-up
+        results[name] = uvloop.run(bench(url, seconds))
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
-    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
-    for name, rate in compare(args.url, args.requests).items():
+    for name, rate in compare(args.url, args.seconds).items():
         print(f"{name}: {rate:.0f} req/s")
 
 
