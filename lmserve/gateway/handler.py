@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -41,6 +42,8 @@ _T = TypeVar("_T")
 _PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 _RANK_PRIORITY = ("high", "normal", "low")
 _WATCH_AFTER = 0.05
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+"""Client request ids kept as they are; anything else is replaced (it travels into headers and logs)."""
 
 
 class _Guard:
@@ -107,7 +110,9 @@ class ProxyHandler:
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.monotonic()
         headers = header_map(scope)
-        request_id = headers.get(b"x-request-id") or os.urandom(12).hex().encode()
+        request_id = headers.get(b"x-request-id")
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+            request_id = os.urandom(12).hex().encode()
         result = ProxyResult()
         req: ProxyRequest | None = None
         span = self.tracer.start("gateway " + scope["path"], {"http.request_id": request_id.decode()}) \
