@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
+
+from lmserve.bench.cli import bench_command
+from lmserve.gateway.cli import gateway_command, keys_app
 
 app = typer.Typer(
     name="lmserve",
@@ -11,12 +16,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-# Gateway (issue 5): heavy imports stay inside the commands.
-from lmserve.gateway.cli import gateway_command, keys_app
-
-app.command("gateway")(gateway_command)
-app.add_typer(keys_app, name="keys")
 
 
 def _version(value: bool) -> None:
@@ -44,6 +43,31 @@ def serve(ctx: typer.Context) -> None:
     from lmserve.server.cli import serve_main
 
     raise typer.Exit(serve_main(ctx.args))
+
+
+@app.command("up")
+def up(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Stack YAML (default: the built-in demo stack)."),
+    port: Optional[int] = typer.Option(None, help="Gateway port (default 8000)."),
+    home: Optional[str] = typer.Option(None, help="Keys, logs and generated configs (default $LMSERVE_HOME or ~/.lmserve)."),
+    redis: Optional[str] = typer.Option(None, "--redis", help="Redis URL: share limits and cache."),
+    database_url: Optional[str] = typer.Option(None, help="Key store URL (default SQLite under home)."),
+) -> None:
+    """Start a gateway in front of model servers on this machine; Ctrl-C stops them all."""
+    from lmserve.stack.config import load_stack_config
+    from lmserve.stack.up import run_up
+
+    try:
+        stack = load_stack_config(config, {"port": port, "home": home, "redis_url": redis, "database_url": database_url})
+    except ValueError as exc:
+        typer.echo(f"lmserve up: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run_up(stack, say=lambda line: typer.echo(line, err=False)))
+
+
+app.command("gateway")(gateway_command)
+app.add_typer(keys_app, name="keys")
+app.command("bench")(bench_command)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu")
 PREEMPTION_MODES = ("recompute", "swap")
 
 
@@ -28,8 +29,14 @@ class ModelConfig:
     """Seed of the random generator used by requests without a seed of their own."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    attention_backend: str = "auto"
+    """torch (runs everywhere), cpu (a C++ decode kernel built on first use), or auto (cpu on CPUs when it builds)."""
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {self.attention_backend!r}"
+            )
         if not self.model:
             raise ValueError("model must name a model directory or Hub id")
         if self.dtype not in DTYPES:

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmserve.engine.attention import make_backend
 from lmserve.engine.config import EngineConfig
 from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.loader import load_model
 from lmserve.engine.outputs import SequenceOutput
-from lmserve.engine.runner import ModelRunner
+from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.sampler import Sampler
 from lmserve.engine.sampling_params import SamplingParams
-from lmserve.engine.scheduler import Scheduler
+from lmserve.engine.scheduler import Scheduler, SchedulerOutput
 from lmserve.engine.sequence import FinishReason, Sequence
 
 CPU_KV_CACHE_MEMORY = 2 * 2**30
@@ -63,7 +65,8 @@ class Engine:
             config.scheduler, self.kv_cache, self.max_model_len, self.eos_token_ids, clock=clock
         )
         sampler = Sampler(self.vocab_size, self.eos_token_ids, seed=config.model.seed)
-        self.runner = ModelRunner(loaded, num_blocks, cache.block_size, sampler)
+        backend = make_backend(config.model.attention_backend, loaded.device, cache.block_size)
+        self.runner = ModelRunner(loaded, num_blocks, cache.block_size, sampler, backend)
         self._requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self._num_steps = 0
@@ -167,13 +170,14 @@ class Engine:
     def step(self) -> list[SequenceOutput]:
         """Runs one scheduled batch; returns what each affected sequence gained."""
         output = self.scheduler.schedule()
-        results = self.runner.execute(output.scheduled) if output.scheduled else {}
-        received = self.scheduler.update(output, {seq_id: r.token_id for seq_id, r in results.items()})
+        step = self.runner.execute(output.scheduled) if output.scheduled else StepResult()
+        self._record_prompt_logprobs(output, step)
+        received = self.scheduler.update(output, {seq_id: r.token_id for seq_id, r in step.sampled.items()})
         self._num_steps += 1
         self._last_step_num_tokens = output.num_batched_tokens
         outputs = []
         for seq in received:
-            logprobs = results[seq.seq_id].logprobs
+            logprobs = step.sampled[seq.seq_id].logprobs
             outputs.append(self._output(seq, [seq.token_ids[-1]], None if logprobs is None else [logprobs]))
         outputs.extend(self._output(seq, [], None) for seq in output.finished)
         for out in outputs:
@@ -181,7 +185,18 @@ class Engine:
                 self._forget_if_done(out.request_id)
         return outputs
 
+    def _record_prompt_logprobs(self, output: SchedulerOutput, step: StepResult) -> None:
+        """Keeps prompt log-probabilities not recorded yet (a recomputed prompt repeats them)."""
+        for scheduled in output.scheduled:
+            computed = step.prompt_logprobs.get(scheduled.seq.seq_id)
+            if computed is None:
+                continue
+            first, entries = computed
+            recorded = scheduled.seq.prompt_logprobs
+            recorded.extend(entries[len(recorded) - first :])
+
     def _output(self, seq: Sequence, token_ids: list[int], logprobs) -> SequenceOutput:
+        first = seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1 and token_ids
         return SequenceOutput(
             request_id=seq.request_id,
             index=seq.index,
@@ -191,6 +206,7 @@ class Engine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens or 0,
             queue_seconds=None if seq.first_scheduled_time is None else seq.first_scheduled_time - seq.arrival_time,
+            prompt_logprobs=list(seq.prompt_logprobs) if first else None,
         )
 
     def _forget_if_done(self, request_id: str) -> None:

@@ -100,6 +100,8 @@ class LLM:
         if out.new_logprobs and completion.logprobs is not None:
             completion.logprobs.extend(out.new_logprobs)
         result.num_cached_tokens = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            result.prompt_logprobs = out.prompt_logprobs
         finish = out.finish_reason.value if out.finish_reason else None
         if stream is not None:
             completion.text += stream.push(out.new_token_ids)

@@ -21,6 +21,8 @@ class SequenceOutput:
     num_cached_tokens: int
     queue_seconds: float | None = None
     """Time from arrival to first being scheduled (None until scheduled)."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With the first token, when asked for: one entry per prompt token (the first is None)."""
 
     @property
     def finished(self) -> bool:
@@ -47,6 +49,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:

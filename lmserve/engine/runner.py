@@ -3,15 +3,14 @@ tensors from sequences."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from lmserve.engine.attention import AttentionBackend, ForwardContext, SequenceSlice
-from lmserve.engine.attention.torch_backend import TorchAttentionBackend
 from lmserve.engine.loader import LoadedModel
-from lmserve.engine.sampler import SampleResult, Sampler
+from lmserve.engine.sampler import SampleResult, Sampler, TokenLogprobs, token_logprobs
 from lmserve.engine.scheduler import ScheduledSequence
 from lmserve.engine.sequence import Sequence
 
@@ -29,14 +28,14 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         sampler: Sampler,
-        backend: AttentionBackend | None = None,
+        backend: AttentionBackend,
     ) -> None:
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.block_size = block_size
         self.sampler = sampler
-        self.backend: AttentionBackend = backend or TorchAttentionBackend(block_size)
+        self.backend = backend
         self.kv_caches = self.backend.allocate_cache(
             self.model.num_layers,
             num_blocks,
@@ -48,17 +47,25 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> dict[int, SampleResult]:
-        """Computes the scheduled tokens; returns the sampled token of each sequence that samples."""
+    def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
+        """Computes the scheduled tokens; samples a token for each sequence that samples."""
         # Single-token slices (decodes) first: the backend batches them together.
         ordered = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
         inputs = self._prepare(ordered)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
-        if not inputs.sampling_seqs:
-            return {}
-        logits = self.model.compute_logits(hidden[inputs.logits_rows])
-        results = self.sampler(logits, inputs.sampling_seqs)
-        return {seq.seq_id: result for seq, result in zip(inputs.sampling_seqs, results)}
+        result = StepResult()
+        if inputs.sampling_seqs:
+            logits = self.model.compute_logits(hidden[inputs.logits_rows])
+            samples = self.sampler(logits, inputs.sampling_seqs)
+            result.sampled = {seq.seq_id: sample for seq, sample in zip(inputs.sampling_seqs, samples)}
+        for seq, first_target, rows in inputs.prompt_logprob_rows:
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
+            targets = seq.token_ids[first_target : first_target + len(rows)]
+            num_top = seq.params.prompt_logprobs or 0
+            result.prompt_logprobs[seq.seq_id] = (
+                first_target, [token_logprobs(row, t, num_top) for row, t in zip(logprobs, targets)]
+            )
+        return result
 
     def _prepare(self, ordered: list[ScheduledSequence]) -> _StepInputs:
         bs = self.block_size
@@ -68,6 +75,7 @@ class ModelRunner:
         slices: list[SequenceSlice] = []
         logits_rows: list[int] = []
         sampling_seqs: list[Sequence] = []
+        prompt_logprob_rows: list[tuple[Sequence, int, list[int]]] = []
         offset = 0
         for s in ordered:
             n, start = s.num_new_tokens, s.start
@@ -79,6 +87,10 @@ class ModelRunner:
             if s.samples:
                 logits_rows.append(offset + n - 1)
                 sampling_seqs.append(s.seq)
+            # Row i predicts token start + i + 1; prompt log-probabilities cover prompt tokens 1..P-1.
+            last_target = min(start + n, s.seq.num_prompt_tokens - 1)
+            if s.seq.params.prompt_logprobs is not None and start < last_target:
+                prompt_logprob_rows.append((s.seq, start + 1, list(range(offset, offset + last_target - start))))
             offset += n
         device = self.device
         slot_mapping = torch.from_numpy(np.concatenate(slots)).to(device)
@@ -93,6 +105,7 @@ class ModelRunner:
             ctx=ctx,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=device),
             sampling_seqs=sampling_seqs,
+            prompt_logprob_rows=prompt_logprob_rows,
         )
 
 
@@ -103,3 +116,14 @@ class _StepInputs:
     ctx: ForwardContext
     logits_rows: torch.Tensor
     sampling_seqs: list[Sequence]
+    prompt_logprob_rows: list[tuple[Sequence, int, list[int]]]
+
+
+@dataclass
+class StepResult:
+    """What one forward pass produced."""
+
+    sampled: dict[int, SampleResult] = field(default_factory=dict)
+    """seq_id -> the token sampled for it."""
+    prompt_logprobs: dict[int, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    """seq_id -> (index of the first prompt token covered, log-probabilities of consecutive prompt tokens)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmserve.engine.sampling_params import SamplingParams
 
@@ -62,6 +63,8 @@ class Sequence:
     num_preemptions: int = 0
     block_hashes: list[bytes] = field(default_factory=list)
     """Chained hashes of this sequence's full blocks, computed once as blocks fill."""
+    prompt_logprobs: list[Any] = field(default_factory=lambda: [None])
+    """Log-probabilities of prompt tokens 0.. (token 0 has none), when the request asks for them."""
 
     @property
     def num_tokens(self) -> int:

@@ -13,12 +13,26 @@ from lmserve.engine.tokenizer import Tokenizer
 from lmserve.server.errors import bad_request
 from lmserve.server.generation import Generation, merge
 from lmserve.server.protocol import (
-    AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-    ChatTokenLogprob, TopLogprob,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    TopLogprob,
 )
 from lmserve.server.serving import (
-    Accounting, check_model, json_response, max_tokens_for, new_request_id, priority_of, respond,
-    sampling_params, sse, tenant_of, usage_of,
+    Accounting,
+    check_model,
+    json_response,
+    max_tokens_for,
+    new_request_id,
+    priority_of,
+    respond,
+    sampling_params,
+    sse,
+    tenant_of,
+    usage_of,
 )
 from lmserve.server.state import ServerState
 

@@ -12,10 +12,24 @@ from lmserve.engine.sampler import TokenLogprobs
 from lmserve.engine.tokenizer import Tokenizer
 from lmserve.server.errors import bad_request
 from lmserve.server.generation import Generation, merge
-from lmserve.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from lmserve.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from lmserve.server.serving import (
-    Accounting, check_model, json_response, max_tokens_for, new_request_id, priority_of, respond,
-    sampling_params, sse, tenant_of, usage_of,
+    Accounting,
+    check_model,
+    json_response,
+    max_tokens_for,
+    new_request_id,
+    priority_of,
+    respond,
+    sampling_params,
+    sse,
+    tenant_of,
+    usage_of,
 )
 from lmserve.server.state import ServerState
 
@@ -40,14 +54,22 @@ def encode_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[tuple[
     return encoded
 
 
-def completion_logprobs(tokenizer: Tokenizer, logprobs: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
-    """OpenAI's legacy per-token layout; `offset` is where the delta's text starts in the choice."""
+def completion_logprobs(
+    tokenizer: Tokenizer, logprobs: list[TokenLogprobs], offset: int,
+    prompt: tuple[list[int], list[TokenLogprobs | None]] | None = None,
+) -> CompletionLogprobs:
+    """OpenAI's legacy per-token layout; `offset` is where the text starts in the choice. With
+    `prompt` (echo), the prompt's tokens come first; the very first has no log-probability."""
     out = CompletionLogprobs()
-    for lp in logprobs:
-        token = tokenizer.token_text(lp.token_id)
+    entries: list[tuple[int, TokenLogprobs | None]] = []
+    if prompt is not None:
+        entries += list(zip(prompt[0], prompt[1]))
+    entries += [(lp.token_id, lp) for lp in logprobs]
+    for token_id, lp in entries:
+        token = tokenizer.token_text(token_id)
         out.tokens.append(token)
-        out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append({tokenizer.token_text(t): v for t, v in lp.top})
+        out.token_logprobs.append(None if lp is None else lp.logprob)
+        out.top_logprobs.append(None if lp is None else {tokenizer.token_text(t): v for t, v in lp.top})
         out.text_offset.append(offset)
         offset += len(token)
     return out
@@ -56,14 +78,14 @@ def completion_logprobs(tokenizer: Tokenizer, logprobs: list[TokenLogprobs], off
 async def create_completion(body: CompletionRequest, http: Request, state: ServerState) -> Response:
     check_model(state, body.model)
     engine, tokenizer = state.require_ready()
-    if body.echo and body.logprobs is not None:
-        raise bad_request("echo together with logprobs is not supported", param="echo")
     prompts = encode_prompts(body, tokenizer)
     request_id = new_request_id("cmpl")
     tenant = tenant_of(body, http)
     generations = []
     for i, (_, ids) in enumerate(prompts):
-        params = sampling_params(body, max_tokens_for(state, len(ids), body.max_tokens), body.logprobs)
+        prompt_logprobs = body.logprobs if body.echo else None
+        params = sampling_params(body, max_tokens_for(state, len(ids), body.max_tokens), body.logprobs,
+                                 prompt_logprobs)
         generations.append(Generation(engine, tokenizer, f"{request_id}-{i}", ids, params,
                                       priority_of(body, http), tenant, index_offset=i * body.n))
     echoes = [(text if text is not None else tokenizer.decode(ids)) if body.echo else "" for text, ids in prompts]
@@ -77,16 +99,25 @@ async def create_completion(body: CompletionRequest, http: Request, state: Serve
             payload["usage"] = usage
         return sse(payload)
 
+    def echo_of(index: int) -> tuple[str, tuple[list[int], list] | None]:
+        generation = generations[index // body.n]
+        prompt = None
+        if body.logprobs is not None and generation.prompt_logprobs is not None:
+            prompt = (generation.prompt_token_ids, generation.prompt_logprobs)
+        return echoes[index // body.n], prompt
+
     async def events() -> AsyncIterator[bytes]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         offsets = [0] * (len(prompts) * body.n)
-        for index in range(len(offsets)):
-            echo = echoes[index // body.n]
-            if echo:
-                offsets[index] = len(echo)
-                yield chunk([{"index": index, "text": echo, "logprobs": None, "finish_reason": None}],
-                            with_usage=include_usage)
+        echoed = [not body.echo] * len(offsets)
         async for d in merge(generations):
+            if not echoed[d.index]:  # the echo goes first, with the prompt's log-probabilities if asked
+                echoed[d.index] = True
+                echo, prompt = echo_of(d.index)
+                lp = completion_logprobs(tokenizer, [], 0, prompt).model_dump() if prompt else None
+                offsets[d.index] = len(echo)
+                yield chunk([{"index": d.index, "text": echo, "logprobs": lp, "finish_reason": None}],
+                            with_usage=include_usage)
             logprobs = None
             if body.logprobs is not None:
                 logprobs = completion_logprobs(tokenizer, d.logprobs, offsets[d.index]).model_dump()
@@ -107,8 +138,8 @@ async def create_completion(body: CompletionRequest, http: Request, state: Serve
             reasons[d.index] = d.finish_reason or reasons[d.index]
         choices = []
         for index, text in enumerate(texts):
-            echo = echoes[index // body.n]
-            lp = completion_logprobs(tokenizer, logprobs[index], len(echo)) if body.logprobs is not None else None
+            echo, prompt = echo_of(index)
+            lp = completion_logprobs(tokenizer, logprobs[index], 0, prompt) if body.logprobs is not None else None
             choices.append(CompletionChoice(index=index, text=echo + text, logprobs=lp, finish_reason=reasons[index]))
         response = CompletionResponse(id=request_id, created=created, model=state.model_name, choices=choices,
                                       usage=usage_of(generations))

@@ -52,6 +52,8 @@ class Generation:
     queue_seconds: float | None = None
     first_token_time: float | None = None
     inter_token_seconds: list[float] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """Filled with the first token when the params ask for prompt log-probabilities."""
     _seqs: list[_SequenceState] = field(default_factory=list)
     _outputs: AsyncIterator[SequenceOutput] | None = None
 
@@ -88,6 +90,8 @@ class Generation:
             self._observe_timing(seq, out.new_token_ids)
             if out.index == 0:
                 self.num_cached_tokens = out.num_cached_tokens
+            if out.prompt_logprobs is not None and self.prompt_logprobs is None:
+                self.prompt_logprobs = out.prompt_logprobs
             if out.queue_seconds is not None and self.queue_seconds is None:
                 self.queue_seconds = out.queue_seconds
             seq.num_tokens += len(out.new_token_ids)

@@ -51,9 +51,11 @@ def max_tokens_for(state: ServerState, prompt_len: int, requested: int | None) -
     return limit - prompt_len if requested is None else requested
 
 
-def sampling_params(body: GenerationFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(
+    body: GenerationFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
     try:
-        return body.sampling_params(max_tokens, logprobs)
+        return body.sampling_params(max_tokens, logprobs, prompt_logprobs)
     except ValueError as exc:
         raise bad_request(str(exc)) from None
 

@@ -144,3 +144,20 @@ def test_abort_frees_everything(tiny_llama):
     engine.abort_request("b")
     assert not engine.has_unfinished_requests()
     assert engine.kv_cache.num_free_blocks == 64
+
+
+@pytest.mark.parametrize("budget", [4096, 16])
+def test_prompt_logprobs_match_transformers_across_chunks(tiny_model_factory, budget):
+    import torch
+
+    path, hf = tiny_model_factory("llama3")
+    prompt = make_prompts(11, 1, 50, 50)[0]
+    llm = LLM(str(path), num_blocks=64, max_num_batched_tokens=budget)
+    out = llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2), use_tqdm=False)[0]
+    with torch.inference_mode():
+        expected = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        assert entry.token_id == prompt[i]
+        assert entry.logprob == pytest.approx(expected[i - 1, prompt[i]].item(), abs=1e-4)
+        assert [t for t, _ in entry.top] == expected[i - 1].topk(2).indices.tolist()

@@ -119,3 +119,20 @@ def test_status_and_health(server):
     assert status["state"] == "ready" and status["kv_cache_blocks"] == 512 and "kv_cache_usage" in status
     assert httpx.get(server.url + "/health").status_code == 200
     assert httpx.get(server.url + "/ready").status_code == 200
+
+
+def test_echo_with_logprobs_lists_prompt_tokens_first(client, tokenizer):
+    prompt = "The quick brown fox"
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, temperature=0, logprobs=1, echo=True,
+                                  extra_body={"ignore_eos": True})
+    choice = r.choices[0]
+    num_prompt = len(tokenizer.encode(prompt))
+    assert choice.text.startswith(prompt)
+    assert len(choice.logprobs.tokens) == num_prompt + 3
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert all(v <= 0 for v in choice.logprobs.token_logprobs[1:])
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, temperature=0, logprobs=1,
+                                            echo=True, stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].text == prompt
+    assert chunks[0].choices[0].logprobs.token_logprobs[1:] == choice.logprobs.token_logprobs[1:num_prompt]
+    assert "".join(c.choices[0].text for c in chunks) == choice.text

@@ -2,10 +2,10 @@
 
 import pytest
 
+from lmserve.engine.config import SchedulerConfig
 from lmserve.server.cli import build_parser
 from lmserve.server.settings import ServeSettings, split_settings
 from lmserve.settings import field_docs, load_settings
-from lmserve.engine.config import SchedulerConfig
 
 
 def settings_from(argv, env=None, yaml_text=None, tmp_path=None):

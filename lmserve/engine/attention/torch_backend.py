@@ -132,8 +132,8 @@ class TorchAttentionBackend:
             output[rows] = self._prefill(layer, i, query[rows], key[rows], value[rows], kv_cache, metadata)
         return output
 
-    @staticmethod
-    def _write(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    def _write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        """Stores each token's key and value [T, Hkv, D] in its cache slot."""
         hkv, d = key.shape[1], key.shape[2]
         flat = kv_cache.view(2, hkv, -1, d)
         flat[0].index_copy_(1, slots, key.transpose(0, 1))
@@ -171,9 +171,7 @@ class TorchAttentionBackend:
         if s.context_len == s.query_len:
             keys, values = key.transpose(0, 1), value.transpose(0, 1)
         else:
-            block_ids = metadata.prefill_block_ids[i]
-            keys = kv_cache[0][:, block_ids].view(hkv, -1, d)[:, : s.context_len]
-            values = kv_cache[1][:, block_ids].view(hkv, -1, d)[:, : s.context_len]
+            keys, values = self._context(kv_cache, metadata.prefill_block_ids[i], s.context_len, hkv, d)
         mask = metadata.prefill_mask(i, layer.sliding_window)
         out = F.scaled_dot_product_attention(
             q[None], keys[None], values[None],
@@ -183,3 +181,11 @@ class TorchAttentionBackend:
             enable_gqa=h != hkv,
         )
         return out[0].transpose(0, 1).reshape(s.query_len, h * d)
+
+    def _context(
+        self, kv_cache: torch.Tensor, block_ids: torch.Tensor, context_len: int, hkv: int, d: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `context_len` keys and values of one sequence, each [Hkv, context_len, D]."""
+        keys = kv_cache[0][:, block_ids].view(hkv, -1, d)[:, :context_len]
+        values = kv_cache[1][:, block_ids].view(hkv, -1, d)[:, :context_len]
+        return keys, values

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from lmserve import LLM, SamplingParams
-from lmserve.engine.attention import ForwardContext, SequenceSlice
-from lmserve.engine.attention.torch_backend import TorchAttentionBackend
+from lmserve.engine.attention import ForwardContext, SequenceSlice, make_backend
 from lmserve.engine.config import ModelConfig
 from lmserve.engine.loader import load_model
 from tests.tiny_models import FAMILIES
@@ -22,10 +21,10 @@ def prompts(vocab: int):
 class PagedModel:
     """Our model with a KV cache, fed slices by hand (what the runner does for real)."""
 
-    def __init__(self, path, num_blocks=64):
+    def __init__(self, path, backend: str, num_blocks=64):
         self.loaded = load_model(ModelConfig(model=str(path), dtype="float32"))
         model = self.loaded.model
-        self.backend = TorchAttentionBackend(BLOCK_SIZE)
+        self.backend = make_backend(backend, torch.device("cpu"), BLOCK_SIZE)
         self.caches = self.backend.allocate_cache(
             model.num_layers, num_blocks, BLOCK_SIZE, model.num_kv_heads, model.head_dim, torch.float32, torch.device("cpu")
         )
@@ -40,13 +39,14 @@ class PagedModel:
         return self.loaded.model.compute_logits(hidden)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prompt_logits_match_transformers(tiny_model_factory, family):
+def test_prompt_logits_match_transformers(tiny_model_factory, family, backend):
     path, hf = tiny_model_factory(family)
     ids = prompts(hf.config.vocab_size)[-1]  # 100 tokens: past Mistral's 48-token window
     with torch.inference_mode():
         expected = hf(torch.tensor([ids])).logits[0]
-    paged = PagedModel(path)
+    paged = PagedModel(path, backend)
     block_ids = list(range(20, 20 + -(-len(ids) // BLOCK_SIZE)))[::-1]  # scattered, descending blocks
     torch.testing.assert_close(paged.logits(ids, 0, block_ids), expected, rtol=1e-4, atol=1e-4)
 
@@ -56,11 +56,12 @@ def test_prompt_logits_match_transformers(tiny_model_factory, family):
     torch.testing.assert_close(torch.cat(got), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_tokens_match_transformers_generate(tiny_model_factory, family):
+def test_greedy_tokens_match_transformers_generate(tiny_model_factory, family, backend):
     path, hf = tiny_model_factory(family)
     batch = prompts(hf.config.vocab_size)
-    llm = LLM(str(path), dtype="float32", block_size=BLOCK_SIZE, num_blocks=256)
+    llm = LLM(str(path), dtype="float32", block_size=BLOCK_SIZE, num_blocks=256, attention_backend=backend)
     outputs = llm.generate(batch, SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
     for ids, out in zip(batch, outputs):
         with torch.inference_mode():

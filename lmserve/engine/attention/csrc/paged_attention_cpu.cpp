@@ -1,0 +1,229 @@
+// Paged attention kernels for CPUs.
+//
+// Cache layout per layer: [2, num_kv_heads, num_blocks, block_size * head_dim]. A key block is
+// stored transposed ([head_dim][block_size]) so that the scores of a whole block are vertical
+// multiply-adds over positions; a value block is stored as [block_size][head_dim].
+//
+// Decode runs one task per (sequence, KV head): the query heads sharing that KV head are scored
+// against every key of the sequence read straight from its blocks (no gathered copy, no padding),
+// softmaxed, and used to weight the values. A task is computed in the same order whatever else is
+// in the batch, so results do not depend on batching.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_float(T value) { return static_cast<float>(value); }
+
+// exp(x) for x <= 0 to float precision (relative error < 2e-7), written so loops vectorize:
+// x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n through the exponent bits.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::nearbyint(x * 1.44269504089f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+struct Shape {
+  int64_t num_blocks, block_size, head_dim, group;
+};
+
+template <typename T, int64_t BS>
+void decode_task(const float* __restrict__ q, const T* __restrict__ key_cache, const T* __restrict__ value_cache,
+                 const int64_t* __restrict__ table, int64_t context_len, int64_t window, const Shape& s,
+                 int64_t kv_head, float* __restrict__ scores, float* __restrict__ acc, T* __restrict__ out) {
+  const int64_t bs = BS > 0 ? BS : s.block_size, dim = s.head_dim, group = s.group;
+  const int64_t block_elems = bs * dim;
+  const int64_t start = window > 0 ? std::max<int64_t>(0, context_len - window) : 0;
+  const int64_t first_block = start / bs, last_block = (context_len - 1) / bs;
+  const int64_t span = (last_block - first_block + 1) * bs;  // scores cover whole blocks
+  const T* k_head = key_cache + kv_head * s.num_blocks * block_elems;
+  const T* v_head = value_cache + kv_head * s.num_blocks * block_elems;
+
+  for (int64_t b = first_block; b <= last_block; ++b) {
+    const T* kt = k_head + table[b] * block_elems;  // [dim][bs]
+    for (int64_t g = 0; g < group; ++g) {
+      float* out_scores = scores + g * span + (b - first_block) * bs;
+      const float* qg = q + g * dim;
+      for (int64_t j = 0; j < bs; ++j) out_scores[j] = 0.f;
+      for (int64_t d = 0; d < dim; ++d) {
+        const float qd = qg[d];
+        const T* row = kt + d * bs;
+#pragma omp simd
+        for (int64_t j = 0; j < bs; ++j) out_scores[j] += qd * to_float(row[j]);
+      }
+    }
+  }
+  // Positions outside [start, context_len) in the first and last block get no weight.
+  const int64_t lo = start - first_block * bs, hi = context_len - first_block * bs;
+  std::vector<float> total(group);
+  for (int64_t g = 0; g < group; ++g) {
+    float* sc = scores + g * span;
+    float peak = std::numeric_limits<float>::lowest();
+#pragma omp simd reduction(max : peak)
+    for (int64_t i = lo; i < hi; ++i) peak = std::max(peak, sc[i]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = lo; i < hi; ++i) {
+      sc[i] = exp_nonpositive(sc[i] - peak);
+      sum += sc[i];
+    }
+    total[g] = sum;
+  }
+  std::fill(acc, acc + group * dim, 0.f);
+  for (int64_t pos = lo; pos < hi; ++pos) {
+    const int64_t b = first_block + pos / bs;
+    const T* v = v_head + table[b] * block_elems + (pos % bs) * dim;
+    for (int64_t g = 0; g < group; ++g) {
+      const float weight = scores[g * span + pos];
+      float* a = acc + g * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) a[d] += weight * to_float(v[d]);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float inv = 1.f / total[g];
+    for (int64_t d = 0; d < dim; ++d) out[g * dim + d] = static_cast<T>(acc[g * dim + d] * inv);
+  }
+}
+
+template <typename T>
+void decode(const torch::Tensor& query, const torch::Tensor& cache, const torch::Tensor& block_tables,
+            const torch::Tensor& context_lens, double scale, int64_t window, torch::Tensor& out) {
+  const int64_t batch = query.size(0), num_heads = query.size(1), dim = query.size(2);
+  const int64_t num_kv_heads = cache.size(1), num_blocks = cache.size(2);
+  const int64_t block_size = cache.size(3) / dim;
+  const Shape s{num_blocks, block_size, dim, num_heads / num_kv_heads};
+  const int64_t width = block_tables.size(1);
+  const T* q = query.data_ptr<T>();
+  const T* kc = cache.data_ptr<T>();
+  const T* vc = kc + num_kv_heads * num_blocks * block_size * dim;
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  T* o = out.data_ptr<T>();
+  const int64_t longest = *std::max_element(lens, lens + batch);
+  const int64_t max_span = (longest / block_size + 2) * block_size;
+  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(s.group * max_span), acc(s.group * dim), qf(s.group * dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
+      const int64_t offset = (b * num_heads + h * s.group) * dim;
+      for (int64_t i = 0; i < s.group * dim; ++i) qf[i] = to_float(q[offset + i]) * static_cast<float>(scale);
+      if (block_size == 16) {
+        decode_task<T, 16>(qf.data(), kc, vc, tables + b * width, lens[b], window, s, h, scores.data(),
+                           acc.data(), o + offset);
+      } else {
+        decode_task<T, 0>(qf.data(), kc, vc, tables + b * width, lens[b], window, s, h, scores.data(),
+                          acc.data(), o + offset);
+      }
+    }
+  });
+}
+
+void check_cache(const torch::Tensor& cache, int64_t dim) {
+  TORCH_CHECK(cache.dim() == 4 && cache.size(0) == 2 && cache.is_contiguous(),
+              "cache must be a contiguous [2, kv_heads, blocks, block_size * head_dim] tensor");
+  TORCH_CHECK(cache.size(3) % dim == 0, "cache block does not hold whole head_dim vectors");
+}
+
+}  // namespace
+
+// query [B, H, D]; cache [2, Hkv, blocks, block_size * D]; block_tables [B, width] int64;
+// context_lens [B] int64. Returns [B, H, D].
+torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor cache, torch::Tensor block_tables,
+                                     torch::Tensor context_lens, double scale, int64_t window) {
+  TORCH_CHECK(query.dim() == 3, "query must be [batch, heads, head_dim]");
+  check_cache(cache, query.size(2));
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
+              "block tables and context lengths must be int64");
+  TORCH_CHECK(query.size(1) % cache.size(1) == 0, "heads must be a multiple of KV heads");
+  TORCH_CHECK(query.scalar_type() == cache.scalar_type(), "query and cache dtypes differ");
+  query = query.contiguous();
+  block_tables = block_tables.contiguous();
+  auto out = torch::empty_like(query);
+  if (query.size(0) == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, query.scalar_type(),
+                                  "paged_decode_attention", [&] {
+                                    decode<scalar_t>(query, cache, block_tables, context_lens, scale, window, out);
+                                  });
+  return out;
+}
+
+// Writes key/value [T, Hkv, D] of each token into its slot (block * block_size + offset).
+void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor cache, torch::Tensor slot_mapping) {
+  const int64_t tokens = key.size(0), heads = key.size(1), dim = key.size(2);
+  check_cache(cache, dim);
+  TORCH_CHECK(key.scalar_type() == cache.scalar_type(), "key and cache dtypes differ");
+  key = key.contiguous();
+  value = value.contiguous();
+  slot_mapping = slot_mapping.contiguous();
+  const int64_t num_blocks = cache.size(2), bs = cache.size(3) / dim;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, key.scalar_type(), "write_kv", [&] {
+    const scalar_t* k = key.data_ptr<scalar_t>();
+    const scalar_t* v = value.data_ptr<scalar_t>();
+    scalar_t* kc = cache.data_ptr<scalar_t>();
+    scalar_t* vc = kc + heads * num_blocks * bs * dim;
+    at::parallel_for(0, tokens * heads, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t t = task / heads, h = task % heads;
+        const int64_t block = slots[t] / bs, off = slots[t] % bs;
+        const int64_t base = (h * num_blocks + block) * bs * dim;
+        const scalar_t* kt = k + task * dim;
+        const scalar_t* vt = v + task * dim;
+        for (int64_t d = 0; d < dim; ++d) kc[base + d * bs + off] = kt[d];
+        std::copy(vt, vt + dim, vc + base + off * dim);
+      }
+    });
+  });
+}
+
+// The first `context_len` keys and values of a sequence, as contiguous [Hkv, context_len, D] tensors.
+std::vector<torch::Tensor> gather_kv(torch::Tensor cache, torch::Tensor block_ids, int64_t context_len,
+                                     int64_t head_dim) {
+  check_cache(cache, head_dim);
+  const int64_t heads = cache.size(1), num_blocks = cache.size(2), bs = cache.size(3) / head_dim;
+  auto keys = torch::empty({heads, context_len, head_dim}, cache.options());
+  auto values = torch::empty({heads, context_len, head_dim}, cache.options());
+  const int64_t* ids = block_ids.contiguous().data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, cache.scalar_type(), "gather_kv", [&] {
+    const scalar_t* kc = cache.data_ptr<scalar_t>();
+    const scalar_t* vc = kc + heads * num_blocks * bs * head_dim;
+    scalar_t* ko = keys.data_ptr<scalar_t>();
+    scalar_t* vo = values.data_ptr<scalar_t>();
+    at::parallel_for(0, heads * context_len, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t h = task / context_len, pos = task % context_len;
+        const int64_t base = (h * num_blocks + ids[pos / bs]) * bs * head_dim;
+        const int64_t off = pos % bs;
+        for (int64_t d = 0; d < head_dim; ++d) ko[task * head_dim + d] = kc[base + d * bs + off];
+        std::copy(vc + base + off * head_dim, vc + base + (off + 1) * head_dim, vo + task * head_dim);
+      }
+    });
+  });
+  return {keys, values};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "Decode attention over a paged KV cache (CPU)");
+  m.def("write_kv", &write_kv, "Write keys and values into their cache slots (CPU)");
+  m.def("gather_kv", &gather_kv, "Contiguous keys and values of one sequence (CPU)");
+}

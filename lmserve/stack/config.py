@@ -1,0 +1,107 @@
+"""The stack file: which models, how many replicas, the gateway in front."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STRATEGIES = ("round_robin", "least_outstanding", "latency", "prefix_affinity", "weighted")
+
+
+@dataclass
+class ModelDeployment:
+    """One model served by `replicas` server processes behind the gateway."""
+
+    name: str
+    """The model name clients send to the gateway."""
+    model: str = "demo"
+    """What `lmserve serve` loads: a model directory, a Hub id, or demo."""
+    replicas: int = 2
+    """Server processes for this model."""
+    strategy: str = "least_outstanding"
+    """How the gateway spreads requests over the replicas."""
+    serve: dict[str, Any] = field(default_factory=dict)
+    """Extra `lmserve serve` settings for every replica (e.g. max_num_seqs: 64)."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("every model needs a name")
+        if self.replicas < 1:
+            raise ValueError(f"model {self.name!r}: replicas must be >= 1, got {self.replicas}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"model {self.name!r}: strategy must be one of {', '.join(STRATEGIES)}")
+        for key in ("port", "served_model_name", "model", "host"):
+            if key in self.serve:
+                raise ValueError(f"model {self.name!r}: serve.{key} is set by the stack itself")
+
+
+@dataclass
+class StackConfig:
+    """Everything `lmserve up` starts."""
+
+    models: list[ModelDeployment] = field(default_factory=lambda: [ModelDeployment(name="lmserve-demo")])
+    """The models and their replicas."""
+    host: str = "127.0.0.1"
+    """Address the gateway listens on (servers always listen on 127.0.0.1)."""
+    port: int = 8000
+    """Gateway port."""
+    first_server_port: int | None = None
+    """Servers take consecutive ports from here; default: the gateway port + 100."""
+    home: str | None = None
+    """Where keys, logs and generated configs live; default $LMSERVE_HOME or ~/.lmserve."""
+    api_key: str | None = None
+    """An existing gateway key to print instead of creating a fresh one on every start."""
+    database_url: str | None = None
+    """Key store; default SQLite under home (PostgreSQL URL for several gateways)."""
+    redis_url: str | None = None
+    """Share rate limits and the response cache through Redis."""
+    gateway: dict[str, Any] = field(default_factory=dict)
+    """Extra `lmserve gateway` settings merged into the generated gateway config."""
+    restart_backoff_max: float = 30.0
+    """Longest wait before restarting a crashed process (the wait doubles from 1 s)."""
+
+    def __post_init__(self) -> None:
+        self.models = [m if isinstance(m, ModelDeployment) else ModelDeployment(**m) for m in self.models]
+        if not self.models:
+            raise ValueError("the stack needs at least one model")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("model names must be unique")
+        if self.first_server_port is None:
+            self.first_server_port = self.port + 100
+        for port in (self.port, self.first_server_port + self.num_servers - 1):
+            if not 0 < port < 65536:
+                raise ValueError(f"ports must be in 1..65535, got {port}")
+        taken = range(self.first_server_port, self.first_server_port + self.num_servers)
+        if self.port in taken:
+            raise ValueError(f"gateway port {self.port} collides with server ports {taken.start}-{taken.stop - 1}")
+
+    @property
+    def num_servers(self) -> int:
+        return sum(m.replicas for m in self.models)
+
+    @property
+    def home_dir(self) -> Path:
+        return Path(self.home or os.environ.get("LMSERVE_HOME") or Path.home() / ".lmserve").expanduser()
+
+
+def load_stack_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> StackConfig:
+    """The built-in default stack, or a YAML file; `overrides` (CLI flags) win. Raises ValueError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read stack file {path}: {' '.join(str(exc).split())}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"stack file {path} must hold a mapping")
+        data = loaded
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return StackConfig(**data)
+    except TypeError as exc:
+        raise ValueError(f"stack file: {exc}") from None

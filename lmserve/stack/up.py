@@ -1,0 +1,175 @@
+"""Starts model servers, then the gateway in front of them; supervises; stops in order."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from lmserve.stack.config import ModelDeployment, StackConfig
+from lmserve.stack.supervisor import Child, Supervisor
+
+SERVER_READY_TIMEOUT = 600.0
+GATEWAY_READY_TIMEOUT = 60.0
+DRAIN_TIMEOUT = 30.0
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmserve.cli", *args]
+
+
+def serve_flags(settings: dict[str, Any]) -> list[str]:
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _private_file(path: Path, make: Callable[[], str]) -> str:
+    """The content of a 0600 file, created with `make()` the first time."""
+    if not path.exists():
+        path.write_text(make())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+class Stack:
+    """The processes of one `lmserve up`. Invariant: the gateway starts only after every server is ready."""
+
+    def __init__(self, config: StackConfig, say: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.say = say
+        self.home = config.home_dir
+        self.logs = self.home / "logs"
+        self.supervisor = Supervisor(config.restart_backoff_max, say)
+        self.servers: list[tuple[ModelDeployment, int, Child]] = []
+        self.gateway: Child | None = None
+        self.database_url = config.database_url or f"sqlite:///{self.home / 'keys.db'}"
+
+    @property
+    def gateway_url(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
+        return f"http://{host}:{self.config.port}"
+
+    def start(self) -> str:
+        """Starts everything and returns the API key to print. Raises RuntimeError if a part fails."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._start_servers()
+        gateway_file = self._write_gateway_config()
+        api_key = self.config.api_key or self._create_key()
+        self.gateway = self.supervisor.add(
+            Child("gateway", cli("gateway", "-c", str(gateway_file)), self.logs / "gateway.log",
+                  self.gateway_url + "/ready")
+        )
+        self.supervisor.wait_ready([self.gateway], GATEWAY_READY_TIMEOUT)
+        return api_key
+
+    def _start_servers(self) -> None:
+        port = self.config.first_server_port or self.config.port + 100
+        for model in self.config.models:
+            for replica in range(model.replicas):
+                args = cli("serve", model.model, "--port", str(port), "--served-model-name", model.name,
+                           *serve_flags(model.serve))
+                name = f"{model.name}-{replica}"
+                child = Child(name, args, self.logs / f"{name}.log", f"http://127.0.0.1:{port}/ready")
+                self.servers.append((model, port, self.supervisor.add(child)))
+                port += 1
+        self.say(f"starting {len(self.servers)} model server(s); logs in {self.logs}")
+        self.supervisor.wait_ready([c for _, _, c in self.servers], SERVER_READY_TIMEOUT)
+
+    def _write_gateway_config(self) -> Path:
+        admin_key = _private_file(self.home / "admin_key", lambda: "adm-" + secrets.token_urlsafe(24))
+        models = [
+            {"name": m.name, "strategy": m.strategy,
+             "backends": [{"url": f"http://127.0.0.1:{port}"} for mm, port, _ in self.servers if mm is m]}
+            for m in self.config.models
+        ]
+        config: dict[str, Any] = {
+            "host": self.config.host, "port": self.config.port, "database_url": self.database_url,
+            "admin_key": admin_key, "models": models,
+            # A replica that dies is noticed within about a second, not the default five.
+            "health": {"probe_interval": 1.0, "unhealthy_after": 1, "cooldown": 3.0},
+        }
+        if self.config.redis_url:
+            config["redis_url"] = self.config.redis_url
+        config = _merge(config, self.config.gateway)
+        path = self.home / "gateway.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.chmod(0o600)
+        return path
+
+    def _create_key(self) -> str:
+        name = "lmserve-up-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        done = subprocess.run(cli("keys", "create", "--name", name, "--database-url", self.database_url),
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"creating an API key failed: {done.stderr.strip()[-500:]}")
+        return json.loads(done.stdout)["key"]
+
+    def supervise(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.supervisor.check()
+            stop.wait(0.5)
+
+    def stop(self) -> None:
+        """Gateway first (it drains its in-flight requests), then the servers (they drain too)."""
+        if self.gateway is not None:
+            self.supervisor.stop([self.gateway], DRAIN_TIMEOUT + 5)
+        self.supervisor.stop([c for _, _, c in self.servers], DRAIN_TIMEOUT + 5)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def banner(stack: Stack, api_key: str) -> str:
+    model = stack.config.models[0].name
+    url = stack.gateway_url
+    return "\n".join([
+        "",
+        f"lmserve is up: gateway {url}/v1 in front of "
+        + ", ".join(f"{m.replicas} x {m.name}" for m in stack.config.models),
+        f"  API key:     {api_key}",
+        f"  metrics:     {url}/metrics",
+        f"  admin key:   {stack.home / 'admin_key'}",
+        "  try:",
+        f"    curl {url}/v1/chat/completions -H 'Authorization: Bearer {api_key}' \\",
+        "      -H 'Content-Type: application/json' \\",
+        f"      -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
+        "  Ctrl-C stops everything (draining first).",
+        "",
+    ])
+
+
+def run_up(config: StackConfig, say: Callable[[str], None] = print) -> int:
+    stack = Stack(config, say)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        api_key = stack.start()
+    except RuntimeError as exc:
+        say(f"lmserve up: error: {exc}")
+        stack.stop()
+        return 1
+    say(banner(stack, api_key))
+    stack.supervise(stop)
+    say("stopping: draining the gateway, then the servers")
+    stack.stop()
+    say("stopped")
+    return 0
