@@ -66,9 +66,8 @@ def start_process(args: list[str], port: int, log_path: Path, ready_path: str = 
                   env: dict[str, str] | None = None, timeout: float = 30.0, scheme: str = "http") -> Process:
     """Starts `args` and waits until GET `ready_path` answers (any status below 500)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    log_file = open(log_path, "wb")
-    popen = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
-    log_file.close()
+    with open(log_path, "wb") as log_file:  # the child keeps its own descriptor
+        popen = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
     proc = Process(popen, port, log_path, scheme)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -60,7 +60,8 @@ class Gateway:
         config = self.config
         self.store = await asyncio.to_thread(KeyStore, config.database_url)
         store = self.store
-        auth = Authenticator(store, config.key_cache_ttl, config.jwt, config.auth_required)
+        auth = Authenticator(store, config.key_cache_ttl, config.jwt, config.auth_required,
+                             (config.limits.default_rpm, config.limits.default_tpm))
 
         async def seed_budget(principal_id: str) -> int:
             return await asyncio.to_thread(store.total_tokens, principal_id)
@@ -70,7 +71,8 @@ class Gateway:
 
             from lmserve.gateway.redis_ratelimit import RedisRateLimiter
 
-            self.redis = aioredis.from_url(config.redis_url)
+            # Bounded waits: a stuck Redis must not stall requests (the handler fails open).
+            self.redis = aioredis.from_url(config.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
             await self.redis.ping()
             self.limiter = RedisRateLimiter(self.redis, config.limits.window_seconds, seed_budget)
         else:

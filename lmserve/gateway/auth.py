@@ -9,7 +9,7 @@ API takes effect at once). Concurrent misses for one key share one database read
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -47,15 +47,18 @@ class Principal:
 ANONYMOUS = Principal("anonymous", "anonymous", None, None, None, None, None)
 
 
-def _from_key(record: KeyRecord) -> Principal:
-    return Principal(record.id, record.name, record.tenant, record.models, record.rpm, record.tpm,
-                     record.budget_tokens, record.priority)
+def _from_key(record: KeyRecord, defaults: tuple[int | None, int | None]) -> Principal:
+    rpm = record.rpm if record.rpm is not None else defaults[0]
+    tpm = record.tpm if record.tpm is not None else defaults[1]
+    return Principal(record.id, record.name, record.tenant, record.models, rpm, tpm, record.budget_tokens,
+                     record.priority)
 
 
 _Entry = tuple[Principal | None, str, float | None, float]
 
 
-def _entry(record: KeyRecord | None, key_hash: str, keys: dict[str, tuple[KeyRecord | None, float]]) -> _Entry:
+def _entry(record: KeyRecord | None, key_hash: str, keys: dict[str, tuple[KeyRecord | None, float]],
+           defaults: tuple[int | None, int | None]) -> _Entry:
     """The hot-path cache entry for a looked-up key: (principal or None, refusal message, expiry
     epoch, re-read after); valid as long as the record's cache entry."""
     valid_until = keys[key_hash][1] if key_hash in keys else time.monotonic()
@@ -64,7 +67,7 @@ def _entry(record: KeyRecord | None, key_hash: str, keys: dict[str, tuple[KeyRec
     if record.revoked_at is not None:
         return None, "This API key has been revoked.", None, valid_until
     expires_at = record.expires_at.timestamp() if record.expires_at is not None else None
-    return _from_key(record), "", expires_at, valid_until
+    return _from_key(record, defaults), "", expires_at, valid_until
 
 
 class JWTVerifier:
@@ -126,8 +129,10 @@ class Authenticator:
     """Turns an `Authorization` header into a Principal or raises a 401/403 GatewayError."""
 
     def __init__(self, store: KeyStore, key_cache_ttl: float, jwt_config: JWTConfig | None,
-                 auth_required: bool = True) -> None:
+                 auth_required: bool = True, default_limits: tuple[int | None, int | None] = (None, None)) -> None:
         self.store = store
+        self.default_limits = default_limits
+        """(rpm, tpm) for keys and tokens that carry none."""
         self.ttl = key_cache_ttl
         self.jwt = JWTVerifier(jwt_config) if jwt_config else None
         self.auth_required = auth_required
@@ -151,7 +156,7 @@ class Authenticator:
         now = time.time()
         cached = self._principals.get(key_hash)
         if cached is None or time.monotonic() >= cached[3]:
-            cached = _entry(await self._lookup(key_hash), key_hash, self._keys)
+            cached = _entry(await self._lookup(key_hash), key_hash, self._keys, self.default_limits)
             self._principals[key_hash] = cached
         principal, refusal, expires_at, _ = cached
         if principal is None:
@@ -166,6 +171,10 @@ class Authenticator:
         if cached is not None and now < cached[1]:
             return cached[0]
         principal, exp = self.jwt.verify(token)  # type: ignore[union-attr]
+        if principal.rpm is None or principal.tpm is None:
+            principal = dataclasses.replace(
+                principal, rpm=principal.rpm if principal.rpm is not None else self.default_limits[0],
+                tpm=principal.tpm if principal.tpm is not None else self.default_limits[1])
         if len(self._tokens) >= _JWT_CACHE_MAX:
             self._tokens.clear()
         self._tokens[token] = (principal, exp)
@@ -201,6 +210,3 @@ class Authenticator:
                 del self._keys[key_hash]
                 self._principals.pop(key_hash, None)
 
-
-def token_fingerprint(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()[:12]

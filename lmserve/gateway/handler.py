@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import orjson
 
@@ -29,16 +31,19 @@ from lmserve.gateway.config import GatewayConfig
 from lmserve.gateway.errors import GatewayError, forbidden, not_found
 from lmserve.gateway.ledger import UsageLedger
 from lmserve.gateway.metrics import GatewayMetrics
-from lmserve.gateway.proxy import Forwarder, ProxyRequest, ProxyResult, _PassThrough, response_headers
+from lmserve.gateway.proxy import Forwarder, PassThrough, ProxyRequest, ProxyResult, response_headers
 from lmserve.gateway.ratelimit import RateLimiter, has_limits, limit_headers, refusal
 from lmserve.gateway.router import Router
 from lmserve.gateway.tracing import Tracer
 from lmserve.gateway.validation import body_too_large, parse_json, prompt_text, validate
 
 log = logging.getLogger("lmserve.gateway.access")
+_T = TypeVar("_T")
 _PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 _RANK_PRIORITY = ("high", "normal", "low")
 _WATCH_AFTER = 0.05
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+"""Client request ids kept as they are; anything else is replaced (it travels into headers and logs)."""
 
 
 class _Guard:
@@ -100,11 +105,14 @@ class ProxyHandler:
         self.ledger = ledger
         self.metrics = metrics
         self.tracer = tracer
+        self._background: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.monotonic()
         headers = header_map(scope)
-        request_id = headers.get(b"x-request-id") or os.urandom(12).hex().encode()
+        request_id = headers.get(b"x-request-id")
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+            request_id = os.urandom(12).hex().encode()
         result = ProxyResult()
         req: ProxyRequest | None = None
         span = self.tracer.start("gateway " + scope["path"], {"http.request_id": request_id.decode()}) \
@@ -143,11 +151,12 @@ class ProxyHandler:
             raise forbidden(f"This key may not use the model `{model}`.")
         extra: list[tuple[bytes, bytes]] = [(b"x-request-id", request_id)]
         if has_limits(principal):
-            state = await self.limiter.admit(principal)
-            if state.reason is not None:
+            state = await self._shared(self.limiter.admit(principal), "rate limiter")  # None: fail open
+            if state is not None and state.reason is not None:
                 self.metrics.rate_limited.labels(state.reason).inc()
                 raise refusal(principal, state, self.limits.window_seconds)
-            extra += limit_headers(principal, state, self.limits.window_seconds)
+            if state is not None:
+                extra += limit_headers(principal, state, self.limits.window_seconds)
         is_stream = body.get("stream") is True
         options = body.get("stream_options")
         wants_usage = bool(is_stream and isinstance(options, dict) and options.get("include_usage"))
@@ -206,7 +215,7 @@ class ProxyHandler:
     async def _serve_cached(self, req: ProxyRequest, send: Send, result: ProxyResult, fresh_only: bool) -> bool:
         if self.cache is None or req.cache_key is None:
             return False
-        hit = await self.cache.get(req.cache_key)
+        hit = await self._shared(self.cache.get(req.cache_key), "cache")
         is_fresh = hit is not None and hit[1] <= self.config.cache.ttl
         if hit is None or (fresh_only and not is_fresh):
             if fresh_only:
@@ -236,13 +245,23 @@ class ProxyHandler:
             self.metrics.child(self.metrics.tokens, result.model, "prompt").inc(prompt)
             self.metrics.child(self.metrics.tokens, result.model, "completion").inc(completion)
             if has_limits(req.principal):
-                await self.limiter.record_tokens(req.principal, prompt + completion)
+                await self._shared(self.limiter.record_tokens(req.principal, prompt + completion), "rate limiter")
         if data is not None and req.cache_key is not None and self.cache is not None:
-            await self.cache.put(req.cache_key, data)
+            await self._shared(self.cache.put(req.cache_key, data), "cache")
+
+    async def _shared(self, call: Awaitable[_T], what: str) -> _T | None:
+        """Runs a call to shared state (Redis). When it fails, the gateway fails open: limits and
+        the cache are skipped for this request, and the failure is logged and counted."""
+        try:
+            return await call
+        except Exception as exc:  # noqa: BLE001 -- any failure of the shared store must fail open
+            self.metrics.child(self.metrics.shared_state_errors, what).inc()
+            log.warning("%s unavailable, failing open: %r", what, exc)
+            return None
 
     async def _send_error(self, send: Send, error: GatewayError, request_id: bytes, req: ProxyRequest | None) -> None:
         extra = req.extra_headers if req is not None else [(b"x-request-id", request_id)]
-        if isinstance(error, _PassThrough):
+        if isinstance(error, PassThrough):
             await send({"type": "http.response.start", "status": error.status,
                         "headers": response_headers(error.upstream_headers, [
                             *extra, (b"content-length", str(len(error.upstream_body)).encode())])})
@@ -256,7 +275,9 @@ class ProxyHandler:
         model = result.model or (req.pool.name if req is not None else "-")
         if req is not None and result.is_started and not result.is_recorded:
             # The client left mid-response: account what was streamed (no await: the task is ending).
-            asyncio.get_running_loop().create_task(self.on_complete(req, result, None))
+            task = asyncio.get_running_loop().create_task(self.on_complete(req, result, None))
+            self._background.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._background.discard)
         metrics = self.metrics
         metrics.child(metrics.requests, model, result.backend, str(result.status)).inc()
         metrics.child(metrics.latency, model).observe(elapsed)

@@ -107,8 +107,9 @@ class UsageRow:
 
 def _record(row: sa.Row) -> KeyRecord:
     models = frozenset(m for m in row.models.split(",") if m) if row.models is not None else None
+    created_at = row.created_at.replace(tzinfo=dt.timezone.utc) if row.created_at.tzinfo is None else row.created_at
     return KeyRecord(row.id, row.name, row.key_prefix, row.tenant, models, row.rpm, row.tpm, row.budget_tokens,
-                     row.priority, _utc(row.created_at), _utc(row.expires_at), _utc(row.revoked_at))
+                     row.priority, created_at, _utc(row.expires_at), _utc(row.revoked_at))
 
 
 class KeyStore:

@@ -38,6 +38,9 @@ class GatewayMetrics:
         self.shed = Counter("lmserve_gateway_shed", "Requests shed by priority under load.",
                             ["model", "priority"], registry=r)
         self.in_flight = Gauge("lmserve_gateway_in_flight", "Requests in flight.", ["model"], registry=r)
+        self.shared_state_errors = Counter("lmserve_gateway_shared_state_errors",
+                                           "Failed calls to shared state (Redis); the gateway failed open.",
+                                           ["component"], registry=r)
         self.cache = Counter("lmserve_gateway_cache", "Response cache lookups.", ["result"], registry=r)
 
         self._children: dict[tuple[object, ...], object] = {}

@@ -115,14 +115,15 @@ class Forwarder:
                 if backend is None:
                     break
                 tried.add(backend)
+                if not backend.breaker.acquire():
+                    continue  # lost the race for a half-open breaker's single trial
                 if num_attempts > 0:
                     # A retry after a refused connection is free: no backend did any work.
                     is_free = last is not None and last.is_connect
                     if not is_free and not self.router.retry_budget.try_retry():
+                        backend.breaker.cancel()
                         return self._give_up(last, budget_spent=True)
                     result.num_retries += 1
-                if not backend.breaker.acquire():
-                    continue
                 num_attempts += 1
                 try:
                     await self._attempt(req, pool, backend, body, send, result)
@@ -134,7 +135,7 @@ class Forwarder:
     @staticmethod
     def _give_up(last: _Retry | None, budget_spent: bool) -> None:
         if last is not None and last.response is not None:
-            raise _PassThrough(*last.response)
+            raise PassThrough(*last.response)
         if last is None:
             raise unavailable("No healthy backend for this model.")
         status = 504 if last.status == 504 else 502
@@ -234,13 +235,13 @@ class Forwarder:
 
     async def _relay_stream(self, req: ProxyRequest, response: UpstreamResponse, send: Send,
                             result: ProxyResult) -> None:
-        chunks = response.chunks()
         try:
-            first = await asyncio.wait_for(chunks.__anext__(), self.timeouts.first_byte)
-        except asyncio.TimeoutError:
-            raise _Retry(504, "backend sent no first byte in time", None) from None
-        except (UpstreamError, StopAsyncIteration) as exc:
-            raise _Retry(502, f"backend broke off before its first byte: {exc!r}", None) from None
+            first = await response.first_chunk(self.timeouts.first_byte)
+        except UpstreamError as exc:
+            raise _Retry(504 if exc.is_timeout else 502, f"backend broke off before its first byte: {exc}",
+                         None) from None
+        if first is None:
+            raise _Retry(502, "backend sent an empty stream", None)
         result.status = 200
         headers = response_headers(response.headers, req.extra_headers)
         result.is_started = True
@@ -252,7 +253,7 @@ class Forwarder:
         relay = _StreamRelay(send, transform, result)
         try:
             await relay.push(first)
-            async for chunk in chunks:
+            async for chunk in response.chunks():
                 await relay.push(chunk)
         except UpstreamError as exc:
             await relay.finish()
@@ -265,7 +266,7 @@ class Forwarder:
         await send({"type": "http.response.body", "body": b""})
 
 
-class _PassThrough(GatewayError):
+class PassThrough(GatewayError):
     """The last backend answer of a failed request, handed to the client as it was."""
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -286,31 +287,40 @@ class _StreamRelay:
         self.held_done = False
 
     async def push(self, chunk: bytes) -> None:
+        had_pending = bool(self.splitter.pending)
         events = self.splitter.feed(chunk)
         self.result.num_events += len(events)
-        if self.transform is None:
-            for event in events:
-                if has_usage(event):
-                    payload = event_payload(event)
-                    if payload is not None:
-                        self.result.usage = parse_usage(payload) or self.result.usage
+        transform = self.transform
+        has_usage_event = False
+        for event in events:
+            if has_usage(event):
+                has_usage_event = True
+                payload = event_payload(event)
+                if payload is not None:
+                    self.result.usage = parse_usage(payload) or self.result.usage
+        is_whole_events = not had_pending and not self.splitter.pending
+        if transform is None or (transform.redactor is None and not has_usage_event and is_whole_events):
+            # Nothing to change in this chunk (the common case): pass the bytes on as they came.
             await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
             return
-        out = []
-        for event in events:
-            if event.startswith(b"data: [DONE]"):
-                self.held_done = True
-                continue
-            payload = event_payload(event)
-            if payload is not None:
-                self.template = payload
-                if has_usage(event):
-                    self.result.usage = parse_usage(payload) or self.result.usage
-            kept = self.transform.apply(event, payload)
-            if kept is not None:
-                out.append(kept + b"\n\n")
+        out = [kept + b"\n\n" for kept in map(self._transform, events) if kept is not None]
         if out:
             await self.send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+
+    def _transform(self, event: bytes) -> bytes | None:
+        transform = self.transform
+        if transform is None:
+            return event
+        if transform.redactor is None:
+            # Only the usage chunk changes; other events are not parsed.
+            return transform.apply(event, event_payload(event)) if has_usage(event) else event
+        if event.startswith(b"data: [DONE]"):
+            self.held_done = True  # sent after any text the redactor still holds
+            return None
+        payload = event_payload(event)
+        if payload is not None:
+            self.template = payload
+        return transform.apply(event, payload)
 
     async def finish(self) -> None:
         if self.transform is None:

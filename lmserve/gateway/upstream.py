@@ -96,6 +96,10 @@ class _Connection(asyncio.Protocol):
         self.is_complete = True
         self._wake()
 
+    def on_first_chunk_timeout(self) -> None:
+        if not self.chunks and not self.is_complete:
+            self._fail(UpstreamError("backend sent no body byte in time", is_timeout=True))
+
     def on_head_timeout(self) -> None:
         if not self.is_head_done:
             self._fail(UpstreamError("backend sent no response head in time", is_timeout=True))
@@ -164,6 +168,21 @@ class UpstreamResponse:
             if conn.error is not None:
                 raise conn.error
             await conn.wait()
+
+    async def first_chunk(self, timeout: float) -> bytes | None:
+        """The first body chunk (None for an empty body), waiting at most `timeout` seconds."""
+        conn = self._conn
+        timer = conn.loop.call_later(timeout, conn.on_first_chunk_timeout)
+        try:
+            while not conn.chunks:
+                if conn.is_complete:
+                    return None
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait()
+        finally:
+            timer.cancel()
+        return conn.take_chunk()
 
     async def read(self) -> bytes:
         parts = [chunk async for chunk in self.chunks()]

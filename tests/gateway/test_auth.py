@@ -28,7 +28,7 @@ def post(url: str, token: str | None, model: str = "m") -> httpx.Response:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmserve.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lmserve.cli", *args], check=False, capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=60)
 
 
@@ -158,3 +158,36 @@ def test_jwt_claims_carry_limits(backends, gateway_factory, tmp_path: Path) -> N
                        algorithm="HS256")
     statuses = [post(gw.url, token).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
+
+
+def test_default_limits_apply_to_keys_without_their_own(tmp_path: Path) -> None:
+    import asyncio
+
+    from lmserve.gateway.auth import Authenticator
+
+    store = KeyStore(f"sqlite:///{tmp_path / 'k.db'}")
+    plain, _ = store.create_key("no-limits")
+    own, _ = store.create_key("own", rpm=7)
+    auth = Authenticator(store, 5.0, None, default_limits=(100, 5000))
+
+    async def run() -> tuple:
+        return (await auth.authenticate(f"Bearer {plain}".encode()), await auth.authenticate(f"Bearer {own}".encode()))
+
+    first, second = asyncio.run(run())
+    assert (first.rpm, first.tpm) == (100, 5000)
+    assert (second.rpm, second.tpm) == (7, 5000)
+
+
+def test_gateway_on_postgresql_keys_and_ledger(backends, gateway_factory, tmp_path: Path, postgres_url: str) -> None:
+    a = backends("a")
+    gw = gateway_factory(base_config(tmp_path, [{"name": "m", "backends": [{"url": a.url}]}],
+                                     database_url=postgres_url))
+    created = gw.admin("POST", "/admin/keys", json={"name": "pg", "tpm": 1000}).json()
+    assert post(gw.url, created["key"]).status_code == 200
+    deadline = time.monotonic() + 10
+    rows: list = []
+    while not rows and time.monotonic() < deadline:
+        rows = KeyStore(postgres_url).usage(created["id"])
+        time.sleep(0.1)
+    assert rows == [{"key_id": created["id"], "model": "m", "requests": 1, "prompt_tokens": 10,
+                     "completion_tokens": 5, "cached_tokens": 0}]

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from tests.gateway.conftest import base_config
+from tests.services import start_redis
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -128,3 +129,17 @@ def test_response_cache_is_shared_through_redis(backends, gateway_factory, tmp_p
     other = g1.create_key(tenant="someone-else")
     third = httpx.post(g2.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {other}"})
     assert "x-lmserve-cache" not in third.headers and a.stats()["requests"] == 2
+
+
+def test_redis_outage_fails_open_and_is_counted(backends, gateway_factory, tmp_path: Path) -> None:
+    a = backends("a")
+    redis = start_redis(tmp_path)
+    config = base_config(tmp_path, [{"name": "m", "backends": [{"url": a.url}]}],
+                         redis_url=f"redis://127.0.0.1:{redis.port}/0")
+    gw = gateway_factory(config)
+    key = gw.create_key(rpm=2)
+    assert [post(gw.url, key).status_code for _ in range(3)] == [200, 200, 429]
+    redis.kill()
+    assert [post(gw.url, key).status_code for _ in range(3)] == [200, 200, 200]
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'lmserve_gateway_shared_state_errors_total{component="rate limiter"}' in metrics

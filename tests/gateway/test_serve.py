@@ -12,6 +12,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 from cryptography import x509
@@ -61,7 +62,7 @@ def test_sigterm_drains_in_flight_streams_then_exits(backends, gateway_factory, 
     assert "draining in-flight requests" in gw.proc.log()
     # The ledger was flushed on the way out.
     cli = subprocess.run([sys.executable, "-m", "lmserve.cli", "keys", "usage", created["id"], "--database-url",
-                          gw.config["database_url"]], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+                          gw.config["database_url"]], check=False, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     rows = json.loads(cli.stdout)
     assert rows == [{"key_id": created["id"], "model": "m", "requests": 1, "prompt_tokens": 10,
                      "completion_tokens": 10, "cached_tokens": 0}]
@@ -102,7 +103,7 @@ def test_tls_termination(backends, gateway_factory, tmp_path: Path) -> None:
 
 
 class _Collector(BaseHTTPRequestHandler):
-    posts: list[tuple[str, bytes]] = []
+    posts: ClassVar[list[tuple[str, bytes]]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length", 0)))
@@ -147,5 +148,5 @@ def test_tracing_packages_are_not_imported_without_endpoint() -> None:
             "from lmserve.gateway.app import create_app; from lmserve.gateway.config import GatewayConfig;"
             "gw = create_app(GatewayConfig()); assert gw.tracer is None;"
             "print(any(m.startswith('opentelemetry') for m in sys.modules), 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr
