@@ -200,8 +200,11 @@ class SheddingConfig:
     """Which fraction of a model's `max_in_flight` each priority may fill."""
 
     high: float = 1.0
+    """Fraction of max_in_flight that high-priority requests may fill."""
     normal: float = 0.8
+    """Fraction of max_in_flight that normal-priority requests may fill."""
     low: float = 0.5
+    """Fraction of max_in_flight that low-priority requests may fill (they are shed first)."""
 
 
 @dataclass
@@ -230,9 +233,13 @@ class GatewayConfig:
     canaries: dict[str, dict[str, float]] = field(default_factory=dict)
     """Virtual model -> {real model: weight}: splits traffic between two model versions."""
     host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0 for every interface)."""
     port: int = 8080
+    """TCP port to listen on."""
     tls_certfile: str | None = None
+    """PEM certificate: terminate HTTPS (with tls_keyfile)."""
     tls_keyfile: str | None = None
+    """PEM private key of tls_certfile."""
     database_url: str = "sqlite:///lmserve-gateway.db"
     """SQLAlchemy URL for keys and the usage ledger (`postgresql+psycopg://...` for many gateways)."""
     redis_url: str | None = None
@@ -250,6 +257,7 @@ class GatewayConfig:
     access_log: bool = True
     """One JSON line per request."""
     log_level: str = "info"
+    """debug, info, warning or error."""
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     retries: RetryConfig = field(default_factory=RetryConfig)
     health: HealthConfig = field(default_factory=HealthConfig)

@@ -1,5 +1,8 @@
 """Every failure answers with the right status and OpenAI's error body."""
 
+import threading
+import time
+
 import httpx
 import pytest
 
@@ -94,3 +97,24 @@ def test_api_key(start_server):
 def test_token_ids_outside_the_vocabulary_with_echo_are_400_not_500(server):
     payload = {"model": MODEL_NAME, "prompt": [-1], "echo": True}
     assert "outside the vocabulary" in error_of(httpx.post(server.url + "/v1/completions", json=payload), 400)["message"]
+
+
+def test_engine_overload_is_429_with_retry_after(start_server):
+    server = start_server("--max-num-seqs", "1", "--max-queued-requests", "1")
+    long = {"model": MODEL_NAME, "prompt": "busy", "max_tokens": 600, "ignore_eos": True}
+    results = []
+    workers = [threading.Thread(target=lambda: results.append(httpx.post(server.url + "/v1/completions", json=long,
+                                                                           timeout=60).status_code))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + 10
+    while httpx.get(server.url + "/v1/status").json().get("waiting", 0) < 1:
+        assert time.monotonic() < deadline, "the second request never queued"
+    refused = httpx.post(server.url + "/v1/completions", json={**long, "max_tokens": 2})
+    error = error_of(refused, 429)
+    assert error["type"] == "rate_limit_error" and error["code"] == "engine_overloaded"
+    assert int(refused.headers["retry-after"]) >= 1
+    for worker in workers:
+        worker.join(60)
+    assert results == [200, 200]  # nothing already admitted was lost
