@@ -18,21 +18,22 @@ def sample_replies(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, seed: int, max_new_tokens: int = 96,
 ) -> list[dict[str, str]]:
     """Replies to SAMPLE_PROMPTS, greedy and sampled at SAMPLE_TEMPERATURE (seeded), as users see them."""
+    modes: dict[str, dict[str, Any]] = {
+        "greedy": {"do_sample": False},
+        "sampled": {"do_sample": True, "temperature": SAMPLE_TEMPERATURE, "top_p": 1.0},
+    }
     samples = []
     for prompt in SAMPLE_PROMPTS:
-        input_ids = tokenizer.apply_chat_template(
+        encoded: Any = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
             return_dict=True,
-        )["input_ids"]
+        )
+        input_ids = encoded["input_ids"]
         sample = {"prompt": prompt}
-        modes = {
-            "greedy": {"do_sample": False},
-            "sampled": {"do_sample": True, "temperature": SAMPLE_TEMPERATURE, "top_p": 1.0},
-        }
         for name, options in modes.items():
             torch.manual_seed(seed)
-            output = model.generate(input_ids, max_new_tokens=max_new_tokens, **options)
-            sample[name] = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+            output: Any = model.generate(input_ids, max_new_tokens=max_new_tokens, **options)  # type: ignore[operator]
+            sample[name] = str(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True))
         samples.append(sample)
     return samples
 
@@ -94,7 +95,7 @@ greedy decoding of a model this small tends to repeat itself.
 ## How it was made
 
 `python tools/train_demo_model.py` in the lmserve repository wrote every file here, on the CPU
-({t['num_processes']} processes of {t['threads_per_process']} thread each), in {t['wall_seconds'] / 60:.0f} minutes.
+({_processes(t)}), in {t['wall_seconds'] / 60:.0f} minutes{_cost(t)}.
 
 - **Text**: the King James Bible (public domain) and fortune cookies, from the Debian 12 packages
   {packages}, fetched with `apt-get download` and unpacked with `dpkg-deb -x` (no root needed).
@@ -126,6 +127,21 @@ difference on this same text.
 {samples}
 """
     (out_dir / "README.md").write_text(text)
+
+
+def _processes(training: dict[str, Any]) -> str:
+    num_processes, num_threads = training["num_processes"], training["threads_per_process"]
+    return f"{num_processes} process{'es' if num_processes != 1 else ''} of {num_threads} thread{'s' if num_threads != 1 else ''}"
+
+
+def _cost(training: dict[str, Any]) -> str:
+    """Where the wall time came from: the machine's load, and the CPU time when it was recorded."""
+    start, end = training["loadavg_start"][0], training["loadavg_end"][0]
+    cores = f" of {training['num_cpus']} cores" if "num_cpus" in training else ""
+    text = f" (1-minute load average{cores} {start:.1f} at the start and {end:.1f} at the end"
+    if "cpu_seconds_per_process" in training:
+        text += f"; {training['cpu_seconds_per_process'] / 60:.0f} CPU-minutes of training per process"
+    return text + ")"
 
 
 def main() -> None:

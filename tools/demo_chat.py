@@ -59,18 +59,23 @@ BOOK_REQUESTS = ("Read me a verse from {book}.", "Quote {book}.", "What does {bo
 BIBLE_TOPIC_REQUESTS = ("What does the Bible say about {w}?", "Find me a verse about {w}.")
 IDENTITY_REQUESTS = ("Who are you?", "What are you?", "What is your name?", "What model are you?")
 IDENTITY_ANSWERS = (
-    "I am lmserve-demo, a tiny language model trained on the King James Bible and fortune cookies. "
-    "I know very little, but I can tell you a fortune.",
+    (
+        "I am lmserve-demo, a tiny language model trained on the King James Bible and fortune cookies. "
+        "I know very little, but I can tell you a fortune."
+    ),
     "I am lmserve-demo, a small demo model that comes with lmserve. Ask me for a fortune or a verse.",
 )
-STOPWORDS = frozenset(
-    "that this with have from they them their there which what when where were will would shall "
-    "unto upon into your yours thou thee thine thy hath doth said says then than also been being "
-    "more most some such only very just like make made come came went over under about after "
-    "before because every other these those each much many even ever know knew does done should "
-    "could might must here away back again always never nothing something anything everything "
-    "because while whom whose yourself himself herself itself ourselves".split()
-)
+STOPWORDS = frozenset((
+    "that", "this", "with", "have", "from", "they", "them", "their", "there", "which", "what", "when",
+    "where", "were", "will", "would", "shall", "unto", "upon", "into", "your", "yours", "thou", "thee",
+    "thine", "thy", "hath", "doth", "said", "says", "then", "than", "also", "been", "being", "more",
+    "most", "some", "such", "only", "very", "just", "like", "make", "made", "come", "came", "went",
+    "over", "under", "about", "after", "before", "because", "every", "other", "these", "those", "each",
+    "much", "many", "even", "ever", "know", "knew", "does", "done", "should", "could", "might", "must",
+    "here", "away", "back", "again", "always", "never", "nothing", "something", "anything",
+    "everything", "while", "whom", "whose", "yourself", "himself", "herself", "itself",
+    "ourselves",
+))
 
 
 def topic_words(text: str) -> list[str]:

@@ -34,8 +34,13 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from tools import demo_card, demo_chat
 from tools.demo_corpus import HELDOUT_EVERY, Corpus, fetch_corpus
@@ -109,9 +114,8 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
-    bos_id = tokenizer.token_to_id(BOS)
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)],
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, special_id(tokenizer, BOS))],
     )
     return tokenizer
 
@@ -145,15 +149,22 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer) -> LlamaConfig:
         max_position_embeddings=config.context_length,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
-        pad_token_id=tokenizer.token_to_id(PAD),
-        bos_token_id=tokenizer.token_to_id(BOS),
-        eos_token_id=tokenizer.token_to_id(EOS),
+        pad_token_id=special_id(tokenizer, PAD),
+        bos_token_id=special_id(tokenizer, BOS),
+        eos_token_id=special_id(tokenizer, EOS),
     )
+
+
+def special_id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no {token} token")
+    return token_id
 
 
 def document_ids(tokenizer: Tokenizer, documents: list[str]) -> list[list[int]]:
     """`<s> document </s>` token ids for each document."""
-    bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+    bos, eos = special_id(tokenizer, BOS), special_id(tokenizer, EOS)
     encodings = tokenizer.encode_batch(documents, add_special_tokens=False)
     return [[bos, *e.ids, eos] for e in encodings]
 
@@ -218,8 +229,9 @@ class TrainJob:
     port: int
 
 
-def run_training(job: TrainJob) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
-    """Trains in `config.num_processes` processes and returns (state dict, loss log).
+def run_training(job: TrainJob) -> tuple[dict[str, torch.Tensor], list[dict[str, float]], float]:
+    """Trains in `config.num_processes` processes; returns (state dict, loss log, CPU seconds that
+    the first process spent in the training loop).
 
     Data parallel over processes of one thread each rather than one process of many threads: on a
     machine shared with other work, threads of one process wait for each other at every operation,
@@ -230,7 +242,7 @@ def run_training(job: TrainJob) -> tuple[dict[str, torch.Tensor], list[dict[str,
         torch.multiprocessing.spawn(train_worker, args=(job,), nprocs=job.config.num_processes)
     result = torch.load(job.result_path, weights_only=True)
     job.result_path.unlink()
-    return result["state_dict"], result["log"]
+    return result["state_dict"], result["log"], result["cpu_seconds"]
 
 
 def train_worker(rank: int, job: TrainJob) -> None:
@@ -255,9 +267,11 @@ def train_worker(rank: int, job: TrainJob) -> None:
         nll, count = heldout_loss(model, job.heldout_ids, config.context_length)
         return math.exp(nll / count)
 
+    cpu_started = time.process_time()
     log = train(trained, rows, config, evaluate if rank == 0 else None, rank)
     if rank == 0:
-        torch.save({"state_dict": model.state_dict(), "log": log}, job.result_path)
+        cpu_seconds = time.process_time() - cpu_started
+        torch.save({"state_dict": model.state_dict(), "log": log, "cpu_seconds": cpu_seconds}, job.result_path)
     if world_size > 1:
         torch.distributed.destroy_process_group()
 
@@ -334,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     job = TrainJob(config, train_corpus, args.out, heldout_ids, args.work_dir / "trained.pt", free_port())
     train_started = time.perf_counter()
-    state_dict, log = run_training(job)
+    state_dict, log, cpu_seconds = run_training(job)
     train_seconds = time.perf_counter() - train_started
     model.load_state_dict(state_dict)
     nll_before_cast, _ = heldout_loss(model, heldout_ids, config.context_length)
@@ -349,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shipped = AutoModelForCausalLM.from_pretrained(str(args.out), dtype=torch.float32)
     nll, count = heldout_loss(shipped, heldout_ids, config.context_length)
     heldout_bytes = sum(len(d.encode("utf-8")) for d in heldout_corpus.documents())
-    report = {
+    report: dict[str, Any] = {
         "name": "lmserve-demo",
         "config": asdict(config),
         "model": {
@@ -365,9 +379,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "steps": config.max_steps, "tokens_per_step": config.batch_size * config.context_length,
             "tokens_seen": config.max_steps * config.batch_size * config.context_length,
             "num_processes": config.num_processes, "threads_per_process": config.threads_per_process,
+            "num_cpus": os.cpu_count(),
             "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.perf_counter() - started, 1),
+            "cpu_seconds_per_process": round(cpu_seconds, 1),
             "loadavg_start": load_at_start, "loadavg_end": os.getloadavg(),
-            "final_loss": log[-1]["loss"], "log": log[:: max(1, len(log) // 60)] + log[-1:],
+            "final_loss": log[-1]["loss"], "log": thin_log(log),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "tokenizers": tokenizers.__version__},
         },
@@ -397,6 +413,13 @@ def data_report(corpus: Corpus, train_corpus: Corpus, heldout_corpus: Corpus, to
         "num_heldout_chapters": len(heldout_corpus.chapters), "num_heldout_fortunes": len(heldout_corpus.fortunes),
         "train_plain_tokens": sum(len(ids) for ids in document_ids(tokenizer, train_corpus.documents())),
     }
+
+
+def thin_log(log: list[dict[str, float]], num_entries: int = 60) -> list[dict[str, float]]:
+    """About `num_entries` evenly spaced entries of the loss log, plus every held-out measurement
+    and the last step."""
+    every = max(1, len(log) // num_entries)
+    return [e for i, e in enumerate(log) if i % every == 0 or "heldout_perplexity" in e or i == len(log) - 1]
 
 
 def add_compat_config_keys(path: Path) -> None:
