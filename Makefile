@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint
+.PHONY: run test install lint demo-model
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,3 +27,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmserve tests
 	$(VENV)/bin/mypy
+
+# Retrain the built-in demo model (lmserve/demo_model/) from Debian packages: ~30 minutes on 2 cores.
+demo-model: $(STAMP)
+	$(PY) tools/train_demo_model.py
