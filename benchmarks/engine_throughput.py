@@ -158,6 +158,7 @@ def engine_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     }
     vllm_env.update(dict(kv.split("=", 1) for kv in args.vllm_env))
+    vllm_env = {k: v for k, v in vllm_env.items() if v}  # KEY= drops a default
     preload = vllm_preload_paths([p for p in args.vllm_preload.split(",") if p])
     if preload:
         vllm_env["LD_PRELOAD"] = ":".join(preload)
@@ -196,6 +197,14 @@ def engine_python(engine: str, args: argparse.Namespace) -> Path:
 
 
 # ---------------------------------------------------------------- running
+
+
+def cpu_isa() -> str:
+    """The vector extensions that decide CPU kernels' speed (vLLM picks AVX-512 or AVX2 kernels)."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+    return ", ".join(flag for flag in wanted if flag in flags) or "no AVX2"
 
 
 def load_average() -> float:
@@ -258,7 +267,10 @@ def describe_config(engine: str, result: dict[str, Any], cfg: dict[str, Any]) ->
             f"output, attention `{facts['attn_implementation']}`, {facts['num_threads']} threads, float32"
         )
     if engine == "vllm":
-        env = " ".join(f"{k}={v}" for k, v in cfg["env"].items())
+        env = " ".join(
+            f"{k}={':'.join(Path(p).name for p in v.split(':'))}" if k == "LD_PRELOAD" else f"{k}={v}"
+            for k, v in cfg["env"].items()
+        )
         return (
             f"vllm-cpu {facts['vllm']}, torch {facts['torch']}, `LLM(**{json.dumps(facts['llm'])})`, "
             f"detokenize={facts['detokenize']}, environment `{env}`; torchvision/torchaudio/torchcodec "
@@ -289,7 +301,7 @@ def build_report(
             f"{len(w0['prompt'])} prompt tokens, {w0['output_len']} output tokens. TTFT = wall time of a "
             "`generate` with max_tokens=1 (same for every engine); decode tokens/s = (output_len - 1) / "
             "(full request time - TTFT). Medians of the repeated runs; untimed warm-up first. "
-            f"1-minute load average at start: {load_at_start:.2f}."
+            f"CPU vector extensions: {cpu_isa()}. 1-minute load average at start: {load_at_start:.2f}."
         ),
         "",
         (
@@ -385,7 +397,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra environment for the vllm runner, e.g. VLLM_ENABLE_V1_MULTIPROCESSING=0",
+        help="environment for the vllm runner, e.g. VLLM_ENABLE_V1_MULTIPROCESSING=0 (KEY= drops a default)",
     )
     parser.add_argument(
         "--vllm-preload",
