@@ -156,6 +156,9 @@ def engine_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     vllm_env = {
         # Both cores for the model; by default vLLM keeps one for its frontend (about half speed).
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        # Engine core in this process rather than a busy-polling process of its own: on 2 cores the
+        # extra processes take CPU from the model (see the tuning notes in benchmarks/README.md).
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
     vllm_env.update(dict(kv.split("=", 1) for kv in args.vllm_env))
     vllm_env = {k: v for k, v in vllm_env.items() if v}  # KEY= drops a default
@@ -168,6 +171,8 @@ def engine_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "enable_prefix_caching": False,  # W1 repeats across runs: no cache hits for anyone
         "max_num_seqs": 256,
         "max_num_batched_tokens": 4096,
+        # The model runs in the engine process, not in a worker process of its own (same reason).
+        "distributed_executor_backend": "uni",
         "seed": 0,
     }
     vllm_llm.update({k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.vllm_llm)})
