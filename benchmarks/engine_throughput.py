@@ -217,6 +217,16 @@ def load_average() -> float:
         return float(f.read().split()[0])
 
 
+def wait_for_quiet(max_load: float | None, max_wait_seconds: float = 1800) -> None:
+    """Waits until the 1-minute load average is below max_load (the machine may be shared)."""
+    if max_load is None:
+        return
+    deadline = time.monotonic() + max_wait_seconds
+    while load_average() >= max_load and time.monotonic() < deadline:
+        print(f"  load {load_average():.2f} >= {max_load}: waiting 30 s", flush=True)
+        time.sleep(30)
+
+
 def run_engine(
     engine: str, python: Path, spec: dict[str, Any], env_extra: dict[str, str], run_dir: Path
 ) -> dict:
@@ -329,6 +339,21 @@ def build_report(
             f"| {s['w1_seconds']:.2f} | {1000 * s['w0_ttft_seconds']:.1f} | {s['w0_decode_tokens_per_s']:.1f} "
             f"| {match} | {p['other_cpu_seconds']:.1f} core-s in {p['wall_seconds']:.0f} s |"
         )
+    contended = {
+        e: r["timed_cpu"]["other_cpu_seconds"] / r["timed_cpu"]["wall_seconds"]
+        for e, r in results.items()
+        if r["timed_cpu"]["other_cpu_seconds"] > 0.1 * r["timed_cpu"]["wall_seconds"]
+    }
+    if contended:
+        shares = ", ".join(f"{ENGINE_TITLES[e]} {cores:.2f}" for e, cores in contended.items())
+        lines += [
+            "",
+            (
+                f"**Contended:** other processes took this many of the {os.cpu_count()} cores on average while "
+                f"these engines were timed: {shares}. Their figures are not comparable; rerun on a quiet "
+                "machine (`--max-load 0.7`)."
+            ),
+        ]
     if "lmserve" in results:
         ours = results["lmserve"]["summary"]
         lines += [
@@ -380,6 +405,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--w0-repeats", type=int, default=3, help="timed W0 runs of each kind (median reported)"
+    )
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=None,
+        help="before each engine, wait (up to 30 min) until the 1-minute load average is below this",
     )
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS.md")
     parser.add_argument("--lmserve-python", default=str(REPO_ROOT / ".venv" / "bin" / "python"))
@@ -449,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             "w0_repeats": args.w0_repeats,
             **workloads,
         }
+        wait_for_quiet(args.max_load)
         try:
             results[engine] = run_engine(
                 engine, engine_python(engine, args), spec, configs[engine]["env"], run_dir
