@@ -354,7 +354,7 @@ def build_report(
                 "machine (`--max-load 0.7`)."
             ),
         ]
-    if "lmserve" in results:
+    if "lmserve" in results and results.keys() & {"vllm", "hf"}:
         ours = results["lmserve"]["summary"]
         lines += [
             "",
