@@ -17,6 +17,7 @@ class PreemptionMode(str, enum.Enum):
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu")
+LINEAR_BACKENDS = ("auto", "torch", "onednn")
 PREEMPTION_MODES = tuple(mode.value for mode in PreemptionMode)
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "deadline")
 DEFAULT_SWAP_SPACE_BYTES = 4 * 2**30
@@ -42,8 +43,12 @@ class ModelConfig:
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
     attention_backend: str = "auto"
     """torch (runs everywhere), cpu (a C++ decode kernel built on first use), or auto (cpu on CPUs when it builds)."""
+    linear_backend: str = "auto"
+    """torch, onednn (weights prepacked for oneDNN: faster matrix multiplies on CPUs), or auto (onednn where it runs)."""
 
     def __post_init__(self) -> None:
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}; got {self.linear_backend!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {self.attention_backend!r}"

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lmserve.engine.config import ModelConfig
+from lmserve.engine.linear import choose_linear_backend, pack_linears
 from lmserve.engine.models import CausalLM, model_class
 from lmserve.engine.models.weights import iter_safetensors, safetensors_files
 
@@ -134,6 +135,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
     except ValueError as exc:
         raise ModelLoadError(f"cannot load weights of {model_dir}: {exc}") from None
     model.eval()
+    if choose_linear_backend(config.linear_backend, device, dtype) == "onednn":
+        pack_linears(model)
     return LoadedModel(model, model_dir, hf_config, dtype, device, max_model_len, eos_token_ids(model_dir, hf_config))
 
 
