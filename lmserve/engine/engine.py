@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmserve.engine.attention import make_backend
+from lmserve.engine.attention.cpu_backend import CPUAttentionBackend
 from lmserve.engine.config import EngineConfig, PreemptionMode
 from lmserve.engine.kv_cache import KVCacheManager
+from lmserve.engine.kernels import tune_malloc, use_native_kernels
 from lmserve.engine.loader import load_model
 from lmserve.engine.outputs import SequenceOutput
 from lmserve.engine.runner import ModelRunner, StepResult
@@ -97,6 +99,10 @@ class Engine:
         )
         sampler = Sampler(self.vocab_size, self.eos_token_ids, seed=config.model.seed)
         backend = make_backend(config.model.attention_backend, loaded.device, cache.block_size)
+        if isinstance(backend, CPUAttentionBackend):
+            use_native_kernels(loaded.model, backend.kernels)
+        if loaded.device.type == "cpu":
+            tune_malloc()
         self.runner = ModelRunner(loaded, num_blocks, cache.block_size, sampler, backend, num_cpu_blocks)
         self._requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()

@@ -13,8 +13,9 @@ logger = logging.getLogger("lmserve.engine")
 
 def make_backend(name: str, device: torch.device, block_size: int) -> AttentionBackend:
     """The attention backend called `name` (auto: the fastest that works on `device`)."""
-    from lmserve.engine.attention.cpu_backend import CPUAttentionBackend, KernelBuildError
+    from lmserve.engine.attention.cpu_backend import CPUAttentionBackend
     from lmserve.engine.attention.torch_backend import TorchAttentionBackend
+    from lmserve.engine.kernels import KernelBuildError
 
     if name == "cpu" or (name == "auto" and device.type == "cpu"):
         if device.type != "cpu":

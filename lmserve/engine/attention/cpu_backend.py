@@ -2,63 +2,19 @@
 straight from their blocks (no gathered copy, no padding); prefill is PyTorch's (flash) SDPA.
 
 Cache layout per layer: `[2, num_kv_heads, num_blocks, block_size * head_dim]`, key blocks stored
-transposed (see csrc/paged_attention_cpu.cpp). Only the block axis matters to code outside the
+transposed (see ../csrc/paged_attention_cpu.cpp). Only the block axis matters to code outside the
 backend (swapping copies whole blocks), and it is where the PyTorch backend has it.
 
-The kernel is compiled on first use with the machine's C++ compiler and cached by PyTorch
-(`~/.cache/torch_extensions`), so later starts load it in about a second.
+The kernels are compiled on first use (lmserve/engine/kernels.py).
 """
 
 from __future__ import annotations
-
-import logging
-import os
-import shutil
-from functools import cache
-from pathlib import Path
-from types import ModuleType
 
 import torch
 
 from lmserve.engine.attention.base import Attention
 from lmserve.engine.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
-
-logger = logging.getLogger("lmserve.engine")
-SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cpp"
-
-
-class KernelBuildError(RuntimeError):
-    """The native kernel could not be compiled or loaded here."""
-
-
-@cache
-def load_kernels() -> ModuleType:
-    """Compiles (once per machine) and loads the C++ kernels; raises KernelBuildError."""
-    from torch.utils.cpp_extension import load
-
-    _ninja_on_path()
-    try:
-        return load(
-            name="lmserve_paged_attention_cpu",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
-            verbose=False,
-        )
-    except Exception as exc:  # compiler missing, headers missing, unsupported flags...
-        reason = " ".join(str(exc).split())[:300]
-        raise KernelBuildError(f"cannot build the CPU attention kernel: {reason}") from None
-
-
-def _ninja_on_path() -> None:
-    """PyTorch builds with the `ninja` program; the `ninja` package ships one, which is not on PATH
-    when python is run from a virtual environment without activating it."""
-    if shutil.which("ninja"):
-        return
-    try:
-        import ninja
-    except ImportError:
-        return  # load() then reports that ninja is missing
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+from lmserve.engine.kernels import load_kernels
 
 
 class CPUAttentionBackend(TorchAttentionBackend):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -13,16 +14,32 @@ from torch import nn
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 like the reference implementation."""
 
+    native_kernels: ModuleType | None = None
+    """The CPU kernels (lmserve.engine.kernels), when the loader hands them over."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = self.native_kernels
+        if kernels is not None and x.dtype == self.weight.dtype:
+            return kernels.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
         return self.weight * normed.to(x.dtype)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the pre-norm block's residual step. May reuse the
+        storage of both inputs, which the caller must not read afterwards."""
+        kernels = self.native_kernels
+        if kernels is not None and x.dtype == self.weight.dtype and x.is_contiguous() and residual.is_contiguous():
+            kernels.add_rms_norm(x.view(-1, x.shape[-1]), residual.view(-1, x.shape[-1]), self.weight, self.eps)
+            return x, residual
+        residual = residual + x
+        return self(residual), residual
 
 
 class FusedLinear(nn.Linear):
@@ -87,6 +104,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Te
 class RotaryEmbedding(nn.Module):
     """Rotates query/key halves by position-dependent angles (the non-interleaved convention)."""
 
+    native_kernels: ModuleType | None = None
+
     def __init__(self, head_dim: int, max_positions: int, config: dict[str, Any]) -> None:
         super().__init__()
         self.inv_freq, self.scaling = rope_inv_freq(head_dim, config)
@@ -107,12 +126,19 @@ class RotaryEmbedding(nn.Module):
         self.sin = angles.sin() * self.scaling
 
     def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_dim: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; query [T, H, D]; key [T, Hkv, D] -> rotated copies."""
+        """positions [T]; query [T, H * D]; key [T, Hkv * D] -> rotated (in place where a kernel can)."""
+        kernels = self.native_kernels
+        if kernels is not None and query.stride(-1) == 1 and key.stride(-1) == 1:
+            kernels.rotary_embedding(positions, query, key, self.cos, self.sin, head_dim, self.rotary_dim)
+            return query, key
+        num_tokens = query.shape[0]
         cos = self.cos[positions].unsqueeze(1).to(query.dtype)
         sin = self.sin[positions].unsqueeze(1).to(query.dtype)
-        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+        query = self._rotate(query.reshape(num_tokens, -1, head_dim), cos, sin)
+        key = self._rotate(key.reshape(num_tokens, -1, head_dim), cos, sin)
+        return query.reshape(num_tokens, -1), key.reshape(num_tokens, -1)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot = x[..., : self.rotary_dim]

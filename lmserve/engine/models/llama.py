@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -94,25 +95,29 @@ class DecoderAttention(nn.Module):
         num_tokens = hidden.shape[0]
         d = self.attn.head_dim
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(num_tokens, -1, d)
-        k = k.reshape(num_tokens, -1, d)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, ctx)
-        return self.o_proj(out)
+            q = self.q_norm(q.reshape(num_tokens, -1, d)).reshape(num_tokens, -1)
+            k = self.k_norm(k.reshape(num_tokens, -1, d)).reshape(num_tokens, -1)
+        q, k = self.rotary(positions, q, k, d)
+        return self.o_proj(self.attn(q, k, v, ctx))
 
 
 class GatedMLP(nn.Module):
+    native_kernels: ModuleType | None = None
+
     def __init__(self, spec: DecoderSpec) -> None:
         super().__init__()
         self.gate_up_proj = FusedLinear(spec.hidden_size, [spec.intermediate_size] * 2, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
         self.act = activation(spec.hidden_act)
+        self.is_silu = spec.hidden_act in ("silu", "swish")
         self.intermediate_size = spec.intermediate_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.native_kernels is not None and self.is_silu:
+            return self.down_proj(self.native_kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -124,9 +129,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = GatedMLP(spec)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, ctx)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output before its residual add, the residual stream so far): the next
+        norm adds them, in one pass where a kernel can."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm.add_norm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, ctx)
+        hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class DecoderModel(nn.Module):
@@ -140,9 +154,12 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, positions, ctx)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, positions, ctx)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm.add_norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

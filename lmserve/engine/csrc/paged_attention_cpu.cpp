@@ -222,8 +222,19 @@ std::vector<torch::Tensor> gather_kv(torch::Tensor cache, torch::Tensor block_id
   return {keys, values};
 }
 
+// Defined in cpu_ops.cpp.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
+torch::Tensor silu_and_mul(torch::Tensor x);
+void rotary_embedding(torch::Tensor positions, torch::Tensor query, torch::Tensor key, torch::Tensor cos,
+                      torch::Tensor sin, int64_t head_dim, int64_t rotary_dim);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "Decode attention over a paged KV cache (CPU)");
   m.def("write_kv", &write_kv, "Write keys and values into their cache slots (CPU)");
   m.def("gather_kv", &gather_kv, "Contiguous keys and values of one sequence (CPU)");
+  m.def("rms_norm", &rms_norm, "RMS norm of each row (CPU)");
+  m.def("add_rms_norm", &add_rms_norm, "In place: residual += x; x = rms_norm(residual) (CPU)");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of [gate | up] rows (CPU)");
+  m.def("rotary_embedding", &rotary_embedding, "Rotary embedding of queries and keys in place (CPU)");
 }

@@ -1,0 +1,98 @@
+"""Native CPU kernels (csrc/*.cpp), compiled on first use, and CPU runtime tuning.
+
+The kernels are built with the machine's C++ compiler through PyTorch's extension loader and
+cached by PyTorch (`~/.cache/torch_extensions`), so later starts load them in about a second:
+- paged decode attention, KV writes and gathers (csrc/paged_attention_cpu.cpp), used by the
+  `cpu` attention backend;
+- fused elementwise steps of the decoder (csrc/cpu_ops.cpp): RMS norm with the residual add,
+  rotary embedding in place, SiLU-and-multiply. Each replaces several PyTorch ops that would
+  each read and write the whole activation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+from torch import nn
+
+logger = logging.getLogger("lmserve.engine")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "paged_attention_cpu.cpp", CSRC / "cpu_ops.cpp"]
+
+
+class KernelBuildError(RuntimeError):
+    """The native kernels could not be compiled or loaded here."""
+
+
+@cache
+def load_kernels() -> ModuleType:
+    """Compiles (once per machine) and loads the C++ kernels; raises KernelBuildError."""
+    from torch.utils.cpp_extension import load
+
+    _ninja_on_path()
+    try:
+        return load(
+            name="lmserve_cpu_kernels",
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            verbose=False,
+        )
+    except Exception as exc:  # compiler missing, headers missing, unsupported flags...
+        reason = " ".join(str(exc).split())[:300]
+        raise KernelBuildError(f"cannot build the CPU kernels: {reason}") from None
+
+
+def _ninja_on_path() -> None:
+    """PyTorch builds with the `ninja` program; the `ninja` package ships one, which is not on PATH
+    when python is run from a virtual environment without activating it."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return  # load() then reports that ninja is missing
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def use_native_kernels(model: nn.Module, kernels: ModuleType | None) -> int:
+    """Hands the kernels to every layer of the model that can use them (None: back to PyTorch ops);
+    returns how many layers took them."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "native_kernels"):
+            module.native_kernels = kernels
+            count += 1
+    return count
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+@cache
+def tune_malloc() -> bool:
+    """Keeps freed activation buffers in the process instead of handing them back to the kernel.
+
+    glibc serves allocations above a (dynamic) threshold with fresh `mmap`s and unmaps them when
+    freed, so every step's activations page-fault again from zero-filled pages: on a CPU that is
+    over a million page faults and several seconds of system time per thousand-request batch.
+    Raising the mmap and trim thresholds makes the heap keep and reuse those pages. Returns False
+    where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1  # glibc's largest allowed value
+    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    ok &= mallopt(_M_TOP_PAD, 64 * 2**20) == 1
+    if not ok:
+        logger.warning("could not tune malloc thresholds; CPU steps may spend time in page faults")
+    return ok
