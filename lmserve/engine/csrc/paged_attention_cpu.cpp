@@ -46,6 +46,24 @@ struct Shape {
   int64_t num_blocks, block_size, head_dim, group;
 };
 
+// Scores of `group` heads ([group][span]) -> unnormalized softmax weights exp(s - max) over
+// positions [lo, hi); total[g] gets each head's sum.
+inline void softmax(float* scores, int64_t group, int64_t span, int64_t lo, int64_t hi, float* total) {
+  for (int64_t g = 0; g < group; ++g) {
+    float* sc = scores + g * span;
+    float peak = std::numeric_limits<float>::lowest();
+#pragma omp simd reduction(max : peak)
+    for (int64_t i = lo; i < hi; ++i) peak = std::max(peak, sc[i]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = lo; i < hi; ++i) {
+      sc[i] = exp_nonpositive(sc[i] - peak);
+      sum += sc[i];
+    }
+    total[g] = sum;
+  }
+}
+
 template <typename T, int64_t BS>
 void decode_task(const float* __restrict__ q, const T* __restrict__ key_cache, const T* __restrict__ value_cache,
                  const int64_t* __restrict__ table, int64_t context_len, int64_t window, const Shape& s,
@@ -75,19 +93,7 @@ void decode_task(const float* __restrict__ q, const T* __restrict__ key_cache, c
   // Positions outside [start, context_len) in the first and last block get no weight.
   const int64_t lo = start - first_block * bs, hi = context_len - first_block * bs;
   std::vector<float> total(group);
-  for (int64_t g = 0; g < group; ++g) {
-    float* sc = scores + g * span;
-    float peak = std::numeric_limits<float>::lowest();
-#pragma omp simd reduction(max : peak)
-    for (int64_t i = lo; i < hi; ++i) peak = std::max(peak, sc[i]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = lo; i < hi; ++i) {
-      sc[i] = exp_nonpositive(sc[i] - peak);
-      sum += sc[i];
-    }
-    total[g] = sum;
-  }
+  softmax(scores, group, span, lo, hi, total.data());
   std::fill(acc, acc + group * dim, 0.f);
   for (int64_t pos = lo; pos < hi; ++pos) {
     const int64_t b = first_block + pos / bs;
@@ -103,6 +109,80 @@ void decode_task(const float* __restrict__ q, const T* __restrict__ key_cache, c
     const float inv = 1.f / total[g];
     for (int64_t d = 0; d < dim; ++d) out[g * dim + d] = static_cast<T>(acc[g * dim + d] * inv);
   }
+}
+
+// The same computation for the common shapes, with block size, head size and group size known at
+// compile time: each key row and value row is loaded once for all heads of the group, and the
+// accumulators stay in registers. Each head sees the same operations in the same order as in
+// decode_task.
+template <typename T, int64_t BS, int64_t DIM, int64_t GROUP>
+void decode_task_fixed(const float* __restrict__ q, const T* __restrict__ key_cache,
+                       const T* __restrict__ value_cache, const int64_t* __restrict__ table, int64_t context_len,
+                       int64_t window, const Shape& s, int64_t kv_head, float* __restrict__ scores,
+                       T* __restrict__ out) {
+  constexpr int64_t block_elems = BS * DIM;
+  const int64_t start = window > 0 ? std::max<int64_t>(0, context_len - window) : 0;
+  const int64_t first_block = start / BS, last_block = (context_len - 1) / BS;
+  const int64_t span = (last_block - first_block + 1) * BS;
+  const T* k_head = key_cache + kv_head * s.num_blocks * block_elems;
+  const T* v_head = value_cache + kv_head * s.num_blocks * block_elems;
+
+  for (int64_t b = first_block; b <= last_block; ++b) {
+    const T* kt = k_head + table[b] * block_elems;  // [DIM][BS]
+    float block_scores[GROUP][BS] = {};
+    for (int64_t d = 0; d < DIM; ++d) {
+      const T* row = kt + d * BS;
+      float krow[BS];
+#pragma omp simd
+      for (int64_t j = 0; j < BS; ++j) krow[j] = to_float(row[j]);
+#pragma GCC unroll 8
+      for (int64_t g = 0; g < GROUP; ++g) {
+        const float qd = q[g * DIM + d];
+#pragma omp simd
+        for (int64_t j = 0; j < BS; ++j) block_scores[g][j] += qd * krow[j];
+      }
+    }
+    for (int64_t g = 0; g < GROUP; ++g) {
+      std::memcpy(scores + g * span + (b - first_block) * BS, block_scores[g], sizeof(block_scores[g]));
+    }
+  }
+  const int64_t lo = start - first_block * BS, hi = context_len - first_block * BS;
+  float total[GROUP];
+  softmax(scores, GROUP, span, lo, hi, total);
+  float acc[GROUP][DIM] = {};
+  for (int64_t pos = lo; pos < hi; ++pos) {
+    const T* v = v_head + table[first_block + pos / BS] * block_elems + (pos % BS) * DIM;
+    float vrow[DIM];
+#pragma omp simd
+    for (int64_t d = 0; d < DIM; ++d) vrow[d] = to_float(v[d]);
+#pragma GCC unroll 8
+    for (int64_t g = 0; g < GROUP; ++g) {
+      const float weight = scores[g * span + pos];
+#pragma omp simd
+      for (int64_t d = 0; d < DIM; ++d) acc[g][d] += weight * vrow[d];
+    }
+  }
+  for (int64_t g = 0; g < GROUP; ++g) {
+    const float inv = 1.f / total[g];
+    for (int64_t d = 0; d < DIM; ++d) out[g * DIM + d] = static_cast<T>(acc[g][d] * inv);
+  }
+}
+
+// One (sequence, KV head) task: the fixed-shape version where one is compiled for this shape.
+template <typename T>
+void run_task(const float* q, const T* kc, const T* vc, const int64_t* table, int64_t context_len, int64_t window,
+              const Shape& s, int64_t h, float* scores, float* acc, T* out) {
+#define LMSERVE_FIXED(DIM, GROUP)                                                                      \
+  if (s.head_dim == DIM && s.group == GROUP) {                                                         \
+    return decode_task_fixed<T, 16, DIM, GROUP>(q, kc, vc, table, context_len, window, s, h, scores, out); \
+  }
+  if (s.block_size == 16) {
+    LMSERVE_FIXED(64, 1) LMSERVE_FIXED(64, 2) LMSERVE_FIXED(64, 4) LMSERVE_FIXED(64, 8)
+    LMSERVE_FIXED(128, 1) LMSERVE_FIXED(128, 2) LMSERVE_FIXED(128, 4) LMSERVE_FIXED(128, 8)
+    return decode_task<T, 16>(q, kc, vc, table, context_len, window, s, h, scores, acc, out);
+  }
+#undef LMSERVE_FIXED
+  decode_task<T, 0>(q, kc, vc, table, context_len, window, s, h, scores, acc, out);
 }
 
 template <typename T>
@@ -127,13 +207,8 @@ void decode(const torch::Tensor& query, const torch::Tensor& cache, const torch:
       const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
       const int64_t offset = (b * num_heads + h * s.group) * dim;
       for (int64_t i = 0; i < s.group * dim; ++i) qf[i] = to_float(q[offset + i]) * static_cast<float>(scale);
-      if (block_size == 16) {
-        decode_task<T, 16>(qf.data(), kc, vc, tables + b * width, lens[b], window, s, h, scores.data(),
-                           acc.data(), o + offset);
-      } else {
-        decode_task<T, 0>(qf.data(), kc, vc, tables + b * width, lens[b], window, s, h, scores.data(),
-                          acc.data(), o + offset);
-      }
+      run_task<T>(qf.data(), kc, vc, tables + b * width, lens[b], window, s, h, scores.data(), acc.data(),
+                  o + offset);
     }
   });
 }
