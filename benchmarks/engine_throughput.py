@@ -151,21 +151,22 @@ def vllm_preload_paths(names: list[str]) -> list[str]:
     return paths
 
 
-def engine_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The configuration each engine runs with; recorded in RESULTS.md."""
-    vllm_env = {
+def vllm_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """vLLM's keyword arguments (`LLM(**kwargs)`, or the same names as `vllm serve` flags) and its
+    environment, from the defaults and the --vllm-* flags."""
+    env = {
         # Both cores for the model; by default vLLM keeps one for its frontend (about half speed).
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         # Engine core in this process rather than a busy-polling process of its own: on 2 cores the
         # extra processes take CPU from the model (see the tuning notes in benchmarks/README.md).
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
-    vllm_env.update(dict(kv.split("=", 1) for kv in args.vllm_env))
-    vllm_env = {k: v for k, v in vllm_env.items() if v}  # KEY= drops a default
+    env.update(dict(kv.split("=", 1) for kv in args.vllm_env))
+    env = {k: v for k, v in env.items() if v}  # KEY= drops a default
     preload = vllm_preload_paths([p for p in args.vllm_preload.split(",") if p])
     if preload:
-        vllm_env["LD_PRELOAD"] = ":".join(preload)
-    vllm_llm: dict[str, Any] = {
+        env["LD_PRELOAD"] = ":".join(preload)
+    kwargs: dict[str, Any] = {
         "dtype": "float32",  # bfloat16 is several times slower here, and would not match transformers
         "kv_cache_memory_bytes": 2 * 2**30,  # its default memory probe refuses to start on this VM
         "enable_prefix_caching": False,  # W1 repeats across runs: no cache hits for anyone
@@ -175,18 +176,29 @@ def engine_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "distributed_executor_backend": "uni",
         "seed": 0,
     }
-    vllm_llm.update({k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.vllm_llm)})
-    lmserve_llm: dict[str, Any] = {
+    kwargs.update({k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.vllm_llm)})
+    return kwargs, env
+
+
+def lmserve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """lmserve's keyword arguments (`LLM(**kwargs)`, or the same names as `lmserve serve` flags)."""
+    kwargs: dict[str, Any] = {
         "dtype": "float32",
         "enable_prefix_caching": False,
         "max_num_seqs": 256,
         "max_num_batched_tokens": 4096,
     }
-    lmserve_llm.update({k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.lmserve_llm)})
+    kwargs.update({k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.lmserve_llm)})
+    return kwargs
+
+
+def engine_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The configuration each engine runs with; recorded in RESULTS.md."""
+    vllm_llm, vllm_env = vllm_settings(args)
     return {
         "hf": {"config": {"batch_size": 16, "attn_implementation": "sdpa"}, "env": {}},
         "vllm": {"config": {"llm": vllm_llm, "detokenize": not args.vllm_no_detokenize}, "env": vllm_env},
-        "lmserve": {"config": {"llm": lmserve_llm}, "env": {}},
+        "lmserve": {"config": {"llm": lmserve_settings(args)}, "env": {}},
     }
 
 
@@ -384,6 +396,38 @@ def build_report(
 # ---------------------------------------------------------------- main
 
 
+def add_engine_config_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that change lmserve's and vLLM's configuration (shared with serving.py)."""
+    parser.add_argument("--lmserve-python", default=str(REPO_ROOT / ".venv" / "bin" / "python"))
+    parser.add_argument(
+        "--lmserve-llm",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a keyword argument of lmserve.LLM (a `lmserve serve` flag in serving.py), "
+        "e.g. max_num_batched_tokens=2048",
+    )
+    parser.add_argument(
+        "--vllm-llm",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a keyword argument of vllm.LLM (a `vllm serve` flag in serving.py), e.g. enforce_eager=true",
+    )
+    parser.add_argument(
+        "--vllm-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for vllm, e.g. VLLM_ENABLE_V1_MULTIPROCESSING=0 (KEY= drops a default)",
+    )
+    parser.add_argument(
+        "--vllm-preload",
+        default="tcmalloc,iomp",
+        help="libraries to LD_PRELOAD for vllm: any of tcmalloc,iomp ('' for none)",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -413,33 +457,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each engine, wait (up to 30 min) until the 1-minute load average is below this",
     )
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS.md")
-    parser.add_argument("--lmserve-python", default=str(REPO_ROOT / ".venv" / "bin" / "python"))
-    parser.add_argument(
-        "--lmserve-llm",
-        action="append",
-        default=[],
-        metavar="KEY=JSON",
-        help="override a keyword argument of lmserve.LLM, e.g. max_num_batched_tokens=2048",
-    )
-    parser.add_argument(
-        "--vllm-llm",
-        action="append",
-        default=[],
-        metavar="KEY=JSON",
-        help="override a keyword argument of vllm.LLM, e.g. enforce_eager=true",
-    )
-    parser.add_argument(
-        "--vllm-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment for the vllm runner, e.g. VLLM_ENABLE_V1_MULTIPROCESSING=0 (KEY= drops a default)",
-    )
-    parser.add_argument(
-        "--vllm-preload",
-        default="tcmalloc,iomp",
-        help="libraries to LD_PRELOAD for vllm: any of tcmalloc,iomp ('' for none)",
-    )
+    add_engine_config_args(parser)
     parser.add_argument(
         "--vllm-no-detokenize", action="store_true", help="vllm: SamplingParams(detokenize=False)"
     )
