@@ -12,6 +12,7 @@ cached by PyTorch (`~/.cache/torch_extensions`), so later starts load them in ab
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import shutil
@@ -36,9 +37,12 @@ def load_kernels() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     _ninja_on_path()
+    # The sources' hash in the name: two lmserve versions on one machine each keep their own
+    # build instead of rebuilding over each other at every start.
+    digest = hashlib.blake2b(b"".join(s.read_bytes() for s in SOURCES), digest_size=4).hexdigest()
     try:
         return load(
-            name="lmserve_cpu_kernels",
+            name=f"lmserve_cpu_kernels_{digest}",
             sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
             verbose=False,
