@@ -1,4 +1,5 @@
-# The two commands: `make run` starts lmserve on the built-in demo model; `make test` runs every test.
+# The two commands: `make run` starts the default stack (`lmserve up`: a gateway on :8000 in front of
+# two servers of the built-in demo model); `make test` runs every test.
 # Both create .venv when it is missing and install what they need.
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/lmserve demo
+	$(VENV)/bin/lmserve up
 
 test: $(STAMP)
 	scripts/install-test-deps.sh

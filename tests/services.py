@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -149,3 +150,88 @@ def start_postgres(tmp: Path) -> tuple[Process, str]:
 
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def is_port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+STACK_SERVER_PORT_OFFSET = 100  # `lmserve up` puts its servers on the gateway port + 100, + 101, ...
+
+
+def free_stack_port(num_servers: int = 2) -> int:
+    """A gateway port whose server ports (+100, +101, ...) are free as well."""
+    for _ in range(200):
+        port = free_port()
+        first = port + STACK_SERVER_PORT_OFFSET
+        if first + num_servers <= 65535 and all(is_port_free(first + i) for i in range(num_servers)):
+            return port
+    raise RuntimeError("no free block of ports for a stack")
+
+
+@dataclass
+class StackProcess:
+    """`lmserve up` as a child process with its own home; `api_key` is the key its banner printed."""
+
+    popen: subprocess.Popen
+    port: int
+    home: Path
+    log_path: Path
+    api_key: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def server_port(self, replica: int) -> int:
+        return self.port + STACK_SERVER_PORT_OFFSET + replica
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """The first match of `pattern` in the output; fails if it does not come or the stack exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.log())
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                raise AssertionError(f"lmserve up exited with {self.popen.returncode}:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"no {pattern!r} in lmserve up's output after {timeout}s:\n{self.log()[-3000:]}")
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM (the stack drains and stops its children), SIGKILL after `timeout`."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+def start_stack(tmp: Path, *args: str, timeout: float = 300.0) -> StackProcess:
+    """Runs `lmserve up` (the default stack unless `args` say otherwise) on a free gateway port with
+    its home under `tmp`, and waits for its banner. Two demo servers load in about a minute on 2 cores."""
+    port = free_stack_port()
+    home = tmp / "lmserve-home"
+    log_path = tmp / "up.log"
+    with open(log_path, "wb") as log_file:
+        popen = subprocess.Popen(python_module("lmserve.cli", "up", "--port", str(port), "--home", str(home), *args),
+                                 stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"})
+    stack = StackProcess(popen, port, home, log_path)
+    try:
+        stack.api_key = stack.wait_for(r"API key:\s+(\S+)", timeout).group(1)
+    except AssertionError:
+        stack.stop(10)
+        raise
+    return stack

@@ -180,7 +180,7 @@ def _status(state: ServerState) -> dict[str, Any]:
             kv_cache_blocks=stats.num_blocks, max_model_len=state.max_model_len,
             prefix_cache_hit_rate=round(stats.prefix_cache_hits / stats.prefix_cache_queries, 4)
             if stats.prefix_cache_queries else 0.0,
-            engine_alive=state.engine.is_alive,
+            engine_alive=state.engine.is_alive, sampling_defaults=state.sampling_defaults,
         )
         device = state.engine.engine.runner.device
         if device.type == "cuda":

@@ -73,7 +73,7 @@ async def create_chat_completion(body: ChatCompletionRequest, http: Request, sta
     prompt = encode_messages(body, tokenizer)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = body.top_logprobs or 0
-    params = sampling_params(body, max_tokens_for(state, len(prompt), requested), top if body.logprobs else None)
+    params = sampling_params(state, body, max_tokens_for(state, len(prompt), requested), top if body.logprobs else None)
     request_id = new_request_id("chatcmpl")
     tenant = tenant_of(body, http)
     generation = Generation(engine, tokenizer, request_id, prompt, params, priority_of(body, http), tenant)

@@ -84,7 +84,7 @@ async def create_completion(body: CompletionRequest, http: Request, state: Serve
     generations = []
     for i, (_, ids) in enumerate(prompts):
         prompt_logprobs = body.logprobs if body.echo else None
-        params = sampling_params(body, max_tokens_for(state, len(ids), body.max_tokens), body.logprobs,
+        params = sampling_params(state, body, max_tokens_for(state, len(ids), body.max_tokens), body.logprobs,
                                  prompt_logprobs)
         generations.append(Generation(engine, tokenizer, f"{request_id}-{i}", ids, params,
                                       priority_of(body, http), tenant, index_offset=i * body.n))

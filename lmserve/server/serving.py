@@ -53,10 +53,11 @@ def max_tokens_for(state: ServerState, prompt_len: int, requested: int | None) -
 
 
 def sampling_params(
-    body: GenerationFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    state: ServerState, body: GenerationFields, max_tokens: int, logprobs: int | None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     try:
-        return body.sampling_params(max_tokens, logprobs, prompt_logprobs)
+        return body.sampling_params(max_tokens, logprobs, prompt_logprobs, state.sampling_defaults)
     except ValueError as exc:
         raise bad_request(str(exc)) from None
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from lmserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from lmserve.server.sampling_defaults import GENERATION_CONFIG_MODES
 from lmserve.settings import settings_model
 
 
@@ -33,6 +34,10 @@ class ServerOptions:
     """debug, info, warning or error."""
     warmup: bool = True
     """Run one short generation before reporting ready."""
+    generation_config: str = "auto"
+    """auto: a request that omits temperature, top_p, top_k, min_p or repetition_penalty gets the value
+    in the model's generation_config.json, as vLLM does (do_sample there is ignored); none: OpenAI's
+    defaults (temperature 1, top_p 1, no top-k, min-p or repetition penalty). Request values always win."""
     tensor_parallel_size: int = 1
     """Devices one model is split across; only 1 is supported (scale out with replicas behind the gateway)."""
 
@@ -47,6 +52,8 @@ class ServerOptions:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level must be debug, info, warning or error; got {self.log_level!r}")
+        if self.generation_config not in GENERATION_CONFIG_MODES:
+            raise ValueError(f"generation_config must be auto or none, got {self.generation_config!r}")
         if self.tensor_parallel_size != 1:
             raise ValueError(
                 "tensor_parallel_size > 1 is not supported: run more replicas behind `lmserve gateway`"

@@ -17,6 +17,7 @@ from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.tokenizer import Tokenizer
 from lmserve.server.errors import unavailable
 from lmserve.server.metrics import ServerMetrics
+from lmserve.server.sampling_defaults import read_sampling_defaults
 from lmserve.server.settings import ServerOptions
 
 logger = logging.getLogger("lmserve.server")
@@ -46,6 +47,9 @@ class ServerState:
     load_error: str | None = None
     started_at: float = field(default_factory=time.time)
     num_in_flight: int = 0
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
+    """Sampling values for requests that omit them: the model's generation_config.json (when
+    options.generation_config is auto), read at load."""
     on_failure: Callable[[], None] | None = None
     """Called when the model fails to load (the process runner stops the server)."""
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -63,6 +67,11 @@ class ServerState:
             tokenizer_path = self.engine_config.model.tokenizer or engine.model_dir
             self.tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, tokenizer_path)
             self.max_model_len = engine.max_model_len
+            if self.options.generation_config == "auto":
+                self.sampling_defaults = read_sampling_defaults(engine.model_dir)
+                if self.sampling_defaults:
+                    logger.info("sampling defaults from generation_config.json",
+                                extra={"fields": self.sampling_defaults})
             async_engine = AsyncEngine(engine)
             metrics = ServerMetrics(
                 self.model_name, engine.max_model_len, lambda: async_engine.latest_stats,

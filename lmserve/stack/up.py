@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -63,6 +64,9 @@ class Stack:
         host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
         return f"http://{host}:{self.config.port}"
 
+    def server_urls(self, model: ModelDeployment) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for m, port, _ in self.servers if m is model]
+
     def start(self) -> str:
         """Starts everything and returns the API key to print. Raises RuntimeError if a part fails."""
         self.home.mkdir(parents=True, exist_ok=True)
@@ -93,7 +97,7 @@ class Stack:
         admin_key = _private_file(self.home / "admin_key", lambda: "adm-" + secrets.token_urlsafe(24))
         models = [
             {"name": m.name, "strategy": m.strategy,
-             "backends": [{"url": f"http://127.0.0.1:{port}"} for mm, port, _ in self.servers if mm is m]}
+             "backends": [{"url": url} for url in self.server_urls(m)]}
             for m in self.config.models
         ]
         config: dict[str, Any] = {
@@ -113,7 +117,7 @@ class Stack:
     def _create_key(self) -> str:
         name = "lmserve-up-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         done = subprocess.run(cli("keys", "create", "--name", name, "--database-url", self.database_url),
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=60, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"creating an API key failed: {done.stderr.strip()[-500:]}")
         return json.loads(done.stdout)["key"]
@@ -145,8 +149,11 @@ def banner(stack: Stack, api_key: str) -> str:
         f"lmserve is up: gateway {url}/v1 in front of "
         + ", ".join(f"{m.replicas} x {m.name}" for m in stack.config.models),
         f"  API key:     {api_key}",
+        *(f"  servers:     {m.name}: {', '.join(stack.server_urls(m))}" for m in stack.config.models),
         f"  metrics:     {url}/metrics",
+        f"  logs:        {stack.logs}",
         f"  admin key:   {stack.home / 'admin_key'}",
+        f"  more keys:   lmserve keys create --name NAME -c {stack.home / 'gateway.yaml'}",
         "  try:",
         f"    curl {url}/v1/chat/completions -H 'Authorization: Bearer {api_key}' \\",
         "      -H 'Content-Type: application/json' \\",

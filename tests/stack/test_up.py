@@ -1,4 +1,5 @@
-"""`lmserve up` as a user runs it: a gateway with keys in front of supervised model servers."""
+"""`lmserve up` as a user runs it: the default stack (a gateway with keys in front of two supervised
+servers of the demo model) on free ports, crash of a replica, and a clean stop."""
 
 from __future__ import annotations
 
@@ -6,85 +7,97 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 from openai import OpenAI
 
-from tests.services import REPO_ROOT, free_port
+from tests.services import start_stack
 
-
-def wait_for(pattern: str, log, proc, timeout: float) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(pattern, log.read_text())
-        if match:
-            return match
-        if proc.poll() is not None:
-            raise AssertionError(f"lmserve up exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"no {pattern!r} after {timeout}s:\n{log.read_text()[-3000:]}")
+MODEL = "lmserve-demo"
 
 
 def children_of(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
     return [int(p) for p in out.split()]
 
 
-def servers_of(pid: int) -> list[int]:
-    """Children whose command is `... lmserve.cli serve ...`."""
-    def argv(child: int) -> list[bytes]:
+def server_pid(stack_pid: int, port: int) -> int:
+    """The child of `lmserve up` whose command is `... serve ... --port PORT ...`."""
+    for child in children_of(stack_pid):
         with open(f"/proc/{child}/cmdline", "rb") as f:
-            return f.read().split(b"\0")
-    return [child for child in children_of(pid) if b"serve" in argv(child)]
+            argv = f.read().split(b"\0")
+        if b"serve" in argv and argv[argv.index(b"--port") + 1] == str(port).encode():
+            return child
+    raise AssertionError(f"no server on port {port} among the children of {stack_pid}")
+
+
+def is_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def requests_served_by(stack_url: str, backend_port: int) -> float:
+    """The gateway's count of 200 answers that came from the backend on `backend_port`."""
+    text = httpx.get(stack_url + "/metrics", timeout=5).text
+    pattern = rf'^lmserve_gateway_requests_total{{backend="http://127.0.0.1:{backend_port}".*status="200"}} (\S+)$'
+    return sum(float(m.group(1)) for m in re.finditer(pattern, text, re.MULTILINE))
+
+
+def wait_ready(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not ready after {timeout}s")
 
 
 @pytest.fixture
-def stack(tmp_path, tiny_llama):
-    """Runs `lmserve up` on a config file naming the tiny model (the default stack serves the demo model)."""
-    port = free_port()
-    config = tmp_path / "stack.yaml"
-    config.write_text(f"models:\n  - name: tiny\n    model: {tiny_llama}\n    replicas: 2\n"
-                      f"    serve: {{num_blocks: 256}}\n")
-    log = tmp_path / "up.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lmserve.cli", "up", "-c", str(config), "--port", str(port),
-                                 "--home", str(tmp_path / "home")], stdout=out, stderr=subprocess.STDOUT,
-                                cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    yield proc, log, port
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+def stack(tmp_path):
+    stack = start_stack(tmp_path)
+    yield stack
+    stack.stop(10)
 
 
-def test_up_serves_survives_a_crash_and_stops_everything(stack):
-    proc, log, port = stack
-    key = wait_for(r"API key:\s+(\S+)", log, proc, 240).group(1)
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
-    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
-    assert reply.usage.completion_tokens >= 1 and reply.choices[0].message.content
-    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
-                                                 max_tokens=8, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+def test_default_stack_serves_survives_a_crash_and_stops_everything(stack):
+    client = OpenAI(base_url=stack.url + "/v1", api_key=stack.api_key, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a fortune."}],
+                                           max_tokens=24)
+    assert reply.usage.completion_tokens >= 1 and reply.choices[0].message.content.strip()
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=16, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
     with pytest.raises(Exception, match="401|nvalid"):
-        OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
+        OpenAI(base_url=stack.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
-    servers = servers_of(proc.pid)
-    assert len(servers) == 2
-    os.kill(servers[0], signal.SIGKILL)
+    crashed_port = stack.server_port(0)
+    os.kill(server_pid(stack.popen.pid, crashed_port), signal.SIGKILL)
     for _ in range(6):  # the other replica keeps answering
-        assert client.completions.create(model="tiny", prompt="still there?", max_tokens=2).usage.completion_tokens
-    wait_for(r"tiny-\d restarted", log, proc, 30)
-    assert len(servers_of(proc.pid)) == 2
+        assert client.completions.create(model=MODEL, prompt="still there?", max_tokens=2).usage.completion_tokens
+    stack.wait_for(rf"{MODEL}-0 exited \(code -9\)", 10)
+    stack.wait_for(rf"{MODEL}-0 restarted", 30)
+    wait_ready(f"http://127.0.0.1:{crashed_port}", 120)
+    served_before = requests_served_by(stack.url, crashed_port)
+    deadline = time.monotonic() + 30  # the gateway's next health probe puts it back in the pool
+    while requests_served_by(stack.url, crashed_port) == served_before:
+        assert time.monotonic() < deadline, "the restarted replica got no traffic"
+        assert client.completions.create(model=MODEL, prompt="back?", max_tokens=2).usage.completion_tokens
+    assert len([server_pid(stack.popen.pid, stack.server_port(i)) for i in range(2)]) == 2
 
-    everyone = children_of(proc.pid)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
+    everyone = children_of(stack.popen.pid)
+    assert len(everyone) == 3  # two servers and the gateway
+    assert stack.stop(60) == 0
     time.sleep(0.5)
-    assert all(not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-               for pid in everyone)
-    assert "stopped" in log.read_text()
+    assert all(is_gone(pid) for pid in everyone)
+    assert "stopped" in stack.log()
     with pytest.raises(httpx.HTTPError):
-        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        httpx.get(stack.url + "/health", timeout=2)
