@@ -25,6 +25,8 @@ from torch import nn
 logger = logging.getLogger("lmserve.engine")
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "paged_attention_cpu.cpp", CSRC / "cpu_ops.cpp"]
+# -fopenmp: at::parallel_for only runs on several threads in code compiled with OpenMP.
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 class KernelBuildError(RuntimeError):
@@ -37,14 +39,15 @@ def load_kernels() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     _ninja_on_path()
-    # The sources' hash in the name: two lmserve versions on one machine each keep their own
+    # The sources' and flags' hash in the name: two lmserve versions on one machine each keep their own
     # build instead of rebuilding over each other at every start.
-    digest = hashlib.blake2b(b"".join(s.read_bytes() for s in SOURCES), digest_size=4).hexdigest()
+    digest = hashlib.blake2b(b"".join(s.read_bytes() for s in SOURCES) + " ".join(CFLAGS).encode(), digest_size=4)
     try:
         return load(
-            name=f"lmserve_cpu_kernels_{digest}",
+            name=f"lmserve_cpu_kernels_{digest.hexdigest()}",
             sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as exc:  # compiler missing, headers missing, unsupported flags...
