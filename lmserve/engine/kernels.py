@@ -20,6 +20,7 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
+import torch
 from torch import nn
 
 logger = logging.getLogger("lmserve.engine")
@@ -103,3 +104,27 @@ def tune_malloc() -> bool:
     if not ok:
         logger.warning("could not tune malloc thresholds; CPU steps may spend time in page faults")
     return ok
+
+
+_MADV_HUGEPAGE = 14
+_HUGE_PAGE = 2 * 2**20
+
+
+def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor whose memory the kernel is asked to back with 2 MiB pages.
+
+    Paged attention reads each sequence's blocks from scattered addresses; with 4 KiB pages
+    nearly every block is a TLB miss. Where transparent huge pages are in `madvise` mode (a common
+    default) memory gets them only when asked, before it is first touched.
+    """
+    tensor = torch.empty(shape, dtype=dtype)
+    start = tensor.data_ptr()
+    aligned = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
+    end = (start + tensor.numel() * tensor.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    if end > aligned:
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(end - aligned), _MADV_HUGEPAGE)
+        except (OSError, AttributeError):
+            pass  # not glibc / not Linux: ordinary pages
+    return tensor.zero_()

@@ -14,7 +14,7 @@ import torch
 
 from lmserve.engine.attention.base import Attention
 from lmserve.engine.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
-from lmserve.engine.kernels import load_kernels
+from lmserve.engine.kernels import load_kernels, zeros_on_huge_pages
 
 
 class CPUAttentionBackend(TorchAttentionBackend):
@@ -33,7 +33,7 @@ class CPUAttentionBackend(TorchAttentionBackend):
         device: torch.device,
     ) -> list[torch.Tensor]:
         shape = (2, num_kv_heads, num_blocks, block_size * head_dim)
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return [zeros_on_huge_pages(shape, dtype) for _ in range(num_layers)]
 
     def _write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
         self.kernels.write_kv(key, value, kv_cache, slots)
