@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from lmserve.bench.cli import bench_command
@@ -47,11 +45,11 @@ def serve(ctx: typer.Context) -> None:
 
 @app.command("up")
 def up(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Stack YAML (default: the built-in demo stack)."),
-    port: Optional[int] = typer.Option(None, help="Gateway port (default 8000)."),
-    home: Optional[str] = typer.Option(None, help="Keys, logs and generated configs (default $LMSERVE_HOME or ~/.lmserve)."),
-    redis: Optional[str] = typer.Option(None, "--redis", help="Redis URL: share limits and cache."),
-    database_url: Optional[str] = typer.Option(None, help="Key store URL (default SQLite under home)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Stack YAML (default: the built-in demo stack)."),
+    port: int | None = typer.Option(None, help="Gateway port (default 8000)."),
+    home: str | None = typer.Option(None, help="Keys, logs and generated configs (default $LMSERVE_HOME or ~/.lmserve)."),
+    redis: str | None = typer.Option(None, "--redis", help="Redis URL: share limits and cache."),
+    database_url: str | None = typer.Option(None, help="Key store URL (default SQLite under home)."),
 ) -> None:
     """Start a gateway in front of model servers on this machine; Ctrl-C stops them all."""
     from lmserve.stack.config import load_stack_config

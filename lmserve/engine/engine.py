@@ -16,8 +16,8 @@ from pathlib import Path
 from lmserve.engine.attention import make_backend
 from lmserve.engine.attention.cpu_backend import CPUAttentionBackend
 from lmserve.engine.config import EngineConfig, PreemptionMode
-from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.kernels import tune_malloc, use_native_kernels
+from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.loader import load_model
 from lmserve.engine.outputs import SequenceOutput
 from lmserve.engine.runner import ModelRunner, StepResult

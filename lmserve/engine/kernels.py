@@ -19,9 +19,9 @@ import shutil
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
-from torch import nn
 
 logger = logging.getLogger("lmserve.engine")
 CSRC = Path(__file__).with_name("csrc")
@@ -68,13 +68,13 @@ def _ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def use_native_kernels(model: nn.Module, kernels: ModuleType | None) -> int:
-    """Hands the kernels to every layer of the model that can use them (None: back to PyTorch ops);
-    returns how many layers took them."""
+def use_native_kernels(model: Any, kernels: ModuleType | None) -> int:
+    """Hands the kernels to every layer of the model (an nn.Module) that can use them (None: back
+    to PyTorch ops); returns how many layers took them."""
     count = 0
     for module in model.modules():
         if hasattr(module, "native_kernels"):
-            module.native_kernels = kernels
+            setattr(module, "native_kernels", kernels)  # noqa: B010 (typed per class)
             count += 1
     return count
 

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 
-
 class PackedLinear(nn.Module):
     """y = x W^T + b with W held in oneDNN's packed layout (read-only: weights are loaded first)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
-from typing import Any, Union
+from typing import Any
 
 from tqdm import tqdm
 
@@ -15,7 +15,7 @@ from lmserve.engine.outputs import CompletionOutput, RequestOutput, SequenceOutp
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.tokenizer import Tokenizer
 
-Prompt = Union[str, Seq[int]]
+Prompt = str | Seq[int]
 
 
 class LLM:

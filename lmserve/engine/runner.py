@@ -10,7 +10,7 @@ import torch
 
 from lmserve.engine.attention import AttentionBackend, ForwardContext, SequenceSlice
 from lmserve.engine.loader import LoadedModel
-from lmserve.engine.sampler import SampleResult, Sampler, TokenLogprobs, token_logprobs
+from lmserve.engine.sampler import Sampler, SampleResult, TokenLogprobs, token_logprobs
 from lmserve.engine.scheduler import ScheduledSequence
 from lmserve.engine.sequence import Sequence
 

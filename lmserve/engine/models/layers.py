@@ -105,6 +105,8 @@ class RotaryEmbedding(nn.Module):
     """Rotates query/key halves by position-dependent angles (the non-interleaved convention)."""
 
     native_kernels: ModuleType | None = None
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     def __init__(self, head_dim: int, max_positions: int, config: dict[str, Any]) -> None:
         super().__init__()
