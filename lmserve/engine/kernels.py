@@ -42,7 +42,8 @@ def load_kernels() -> ModuleType:
     _ninja_on_path()
     # The sources' and flags' hash in the name: two lmserve versions on one machine each keep their own
     # build instead of rebuilding over each other at every start.
-    digest = hashlib.blake2b(b"".join(s.read_bytes() for s in SOURCES) + " ".join(CFLAGS).encode(), digest_size=4)
+    files = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))
+    digest = hashlib.blake2b(b"".join(f.read_bytes() for f in files) + " ".join(CFLAGS).encode(), digest_size=4)
     try:
         return load(
             name=f"lmserve_cpu_kernels_{digest.hexdigest()}",
@@ -84,6 +85,17 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
 @cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None where the C library is another one."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _ = (libc.mallopt, libc.madvise)  # AttributeError where they are missing
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+@cache
 def tune_malloc() -> bool:
     """Keeps freed activation buffers in the process instead of handing them back to the kernel.
 
@@ -93,11 +105,10 @@ def tune_malloc() -> bool:
     Raising the mmap and trim thresholds makes the heap keep and reuse those pages. Returns False
     where the C library is not glibc.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     ok = mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1  # glibc's largest allowed value
     ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     ok &= mallopt(_M_TOP_PAD, 64 * 2**20) == 1
@@ -121,10 +132,7 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     start = tensor.data_ptr()
     aligned = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
     end = (start + tensor.numel() * tensor.element_size()) // _HUGE_PAGE * _HUGE_PAGE
-    if end > aligned:
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(end - aligned), _MADV_HUGEPAGE)
-        except (OSError, AttributeError):
-            pass  # not glibc / not Linux: ordinary pages
+    libc = _libc()
+    if end > aligned and libc is not None:  # elsewhere: ordinary pages
+        libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(end - aligned), _MADV_HUGEPAGE)
     return tensor.zero_()

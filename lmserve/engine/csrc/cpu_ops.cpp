@@ -8,33 +8,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
+
+#include "cpu_math.h"
 
 namespace {
 
 template <typename T>
 inline float f32(T value) { return static_cast<float>(value); }
-
-// exp(x) to float precision (relative error < 2e-7) in a form loops vectorize (std::exp does not
-// without -ffast-math): x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n through
-// the exponent bits. Inputs are clamped to [-87, 88], where float exp is finite and normal.
-inline float exp_f32(float x) {
-  x = std::min(std::max(x, -87.f), 88.f);
-  const float n = std::nearbyint(x * 1.44269504089f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.38888889e-3f;
-  p = p * r + 8.33333333e-3f;
-  p = p * r + 4.16666667e-2f;
-  p = p * r + 1.66666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // Rows per parallel task: enough work per task to amortize scheduling.
 inline int64_t grain(int64_t row_width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_width, 1)); }
@@ -66,7 +46,7 @@ void silu_and_mul_row(const T* __restrict__ gate, const T* __restrict__ up, T* _
   for (int64_t i = 0; i < n; ++i) {
     const float g = f32(gate[i]);
     // Rounded to the storage type between the two steps, as the reference computes them.
-    out[i] = static_cast<T>(f32(static_cast<T>(g / (1.f + exp_f32(-g)))) * f32(up[i]));
+    out[i] = static_cast<T>(f32(static_cast<T>(g / (1.f + lmserve::exp_f32(-g)))) * f32(up[i]));
   }
 }
 

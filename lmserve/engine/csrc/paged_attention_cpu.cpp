@@ -18,29 +18,12 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_math.h"
+
 namespace {
 
 template <typename T>
 inline float to_float(T value) { return static_cast<float>(value); }
-
-// exp(x) for x <= 0 to float precision (relative error < 2e-7), written so loops vectorize:
-// x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n through the exponent bits.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.f);
-  const float n = std::nearbyint(x * 1.44269504089f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.38888889e-3f;
-  p = p * r + 8.33333333e-3f;
-  p = p * r + 4.16666667e-2f;
-  p = p * r + 1.66666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 struct Shape {
   int64_t num_blocks, block_size, head_dim, group;
@@ -57,7 +40,7 @@ inline void softmax(float* scores, int64_t group, int64_t span, int64_t lo, int6
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = lo; i < hi; ++i) {
-      sc[i] = exp_nonpositive(sc[i] - peak);
+      sc[i] = lmserve::exp_f32(sc[i] - peak);
       sum += sc[i];
     }
     total[g] = sum;

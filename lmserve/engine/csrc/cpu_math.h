@@ -1,0 +1,31 @@
+// Small float helpers shared by the CPU kernels.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace lmserve {
+
+// exp(x) to float precision (relative error < 2e-7) in a form loops vectorize (std::exp does not
+// without -ffast-math): x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n through
+// the exponent bits. Inputs are clamped to [-87, 88], where float exp is finite and normal.
+inline float exp_f32(float x) {
+  x = std::min(std::max(x, -87.f), 88.f);
+  const float n = std::nearbyint(x * 1.44269504089f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+}  // namespace lmserve
