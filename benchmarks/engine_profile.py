@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_throughput import ensure_model, make_requests  # noqa: E402
+from benchmarks.engine_throughput import ensure_model, make_requests  # noqa: E402
 
 
 def timed(totals: dict[str, float], key: str, cls: type, name: str) -> None:

@@ -39,15 +39,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import lmserve
+from benchmarks.engine_report import MODEL_NAME, describe_env
 from benchmarks.engine_runners.common import CpuMeter
 from benchmarks.engine_throughput import (
     CACHE_DIR,
-    MODEL_NAME,
     VLLM_VENV,
     add_engine_config_args,
     add_run_args,
     command_line,
-    describe_env,
     engine_python,
     ensure_model,
     lmserve_settings,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from benchmarks.engine_throughput import MODEL_NAME, cpu_isa, fmt_ratio
+from benchmarks.engine_report import MODEL_NAME, cpu_isa, fmt_ratio
 
 TITLES = {"lmserve": "lmserve serve", "vllm": "vllm serve"}
 SHAPES = ("full", "poisson")
