@@ -7,6 +7,7 @@ scope) come before anything that touches Redis or a backend.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import re
@@ -106,13 +107,15 @@ class ProxyHandler:
         self.metrics = metrics
         self.tracer = tracer
         self._background: set[asyncio.Task[None]] = set()
+        self._id_prefix = os.urandom(6).hex().encode()  # generated ids: this process's prefix + a counter
+        self._id_counter = itertools.count()
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.monotonic()
         headers = header_map(scope)
         request_id = headers.get(b"x-request-id")
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-            request_id = os.urandom(12).hex().encode()
+            request_id = b"%s%012x" % (self._id_prefix, next(self._id_counter))
         result = ProxyResult()
         req: ProxyRequest | None = None
         span = self.tracer.start("gateway " + scope["path"], {"http.request_id": request_id.decode()}) \
@@ -175,8 +178,9 @@ class ProxyHandler:
             self.metrics.shed.labels(req.pool.name, req.priority).inc()
             raise GatewayError(429, f"The model `{req.pool.name}` is overloaded; retry shortly.",
                                "rate_limit_error", "overloaded", headers=[(b"retry-after", b"1")])
-        in_flight = self.metrics.child(self.metrics.in_flight, req.pool.name)
-        in_flight.inc()
+        in_flight = self.metrics.in_flight
+        pool_key = (req.pool.name,)
+        in_flight.add(pool_key)
         try:
             if self.cache is not None and is_cacheable(req.body):
                 tenant = req.principal.tenant or req.principal.id
@@ -191,7 +195,7 @@ class ProxyHandler:
                 if not await self._serve_cached(req, send, result, fresh_only=False):
                     raise
         finally:
-            in_flight.dec()
+            in_flight.add(pool_key, -1)
             self.router.release_slot(req.pool)
 
     async def _guarded(self, work: Any, receive: Receive, result: ProxyResult) -> None:
@@ -242,8 +246,8 @@ class ProxyHandler:
             prompt = len(prompt_text(req.body, self.limits.max_prompt_chars)) // 4
         self.ledger.add(req.principal.id, result.model or req.pool.name, prompt, completion, cached)
         if prompt or completion:
-            self.metrics.child(self.metrics.tokens, result.model, "prompt").inc(prompt)
-            self.metrics.child(self.metrics.tokens, result.model, "completion").inc(completion)
+            self.metrics.tokens.add((result.model, "prompt"), prompt)
+            self.metrics.tokens.add((result.model, "completion"), completion)
             if has_limits(req.principal):
                 await self._shared(self.limiter.record_tokens(req.principal, prompt + completion), "rate limiter")
         if data is not None and req.cache_key is not None and self.cache is not None:
@@ -255,7 +259,7 @@ class ProxyHandler:
         try:
             return await call
         except Exception as exc:  # noqa: BLE001 -- any failure of the shared store must fail open
-            self.metrics.child(self.metrics.shared_state_errors, what).inc()
+            self.metrics.shared_state_errors.labels(what).inc()
             log.warning("%s unavailable, failing open: %r", what, exc)
             return None
 
@@ -279,10 +283,10 @@ class ProxyHandler:
             self._background.add(task)  # keep a reference until it is done
             task.add_done_callback(self._background.discard)
         metrics = self.metrics
-        metrics.child(metrics.requests, model, result.backend, str(result.status)).inc()
-        metrics.child(metrics.latency, model).observe(elapsed)
+        metrics.requests.add((model, result.backend, str(result.status)))
+        metrics.latency.observe((model,), elapsed)
         if result.ttfb is not None:
-            metrics.child(metrics.ttfb, model, result.backend).observe(result.ttfb)
+            metrics.ttfb.observe((model, result.backend), result.ttfb)
         if result.num_retries:
             self.metrics.retries.labels(model).inc(result.num_retries)
         if self.config.access_log:

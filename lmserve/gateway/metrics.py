@@ -1,12 +1,86 @@
-"""Prometheus metrics of one gateway, in its own registry (no process-global state)."""
+"""Prometheus metrics of one gateway, in its own registry (no process-global state).
+
+The metrics touched by every request (requests, latency, TTFB, tokens, in-flight) are plain dicts
+updated from the gateway's one event-loop thread, with no lock and no label lookup, and turned into
+metric families only when `/metrics` is scraped. prometheus_client's own counters take a lock and
+validate labels on each update: several microseconds per request on the hot path. Rare events
+(retries, shedding, limits, breaker state) keep prometheus_client's classes.
+"""
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class HotCounter:
+    """A labelled counter (or, with `is_gauge`, a gauge) keyed by a tuple of label values."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], is_gauge: bool = False) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.is_gauge = is_gauge
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def add(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        values = self.values
+        values[key] = values.get(key, 0.0) + amount
+
+    def family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        family_class = GaugeMetricFamily if self.is_gauge else CounterMetricFamily
+        family = family_class(self.name, self.documentation, labels=self.labels)
+        for key, value in self.values.items():
+            family.add_metric(key, value)
+        return family
+
+
+class HotHistogram:
+    """A labelled histogram: per label set, one count per bucket (the last one is +Inf) and a sum."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...],
+                 buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.buckets = buckets
+        self.counts: dict[tuple[str, ...], list[int]] = {}
+        self.sums: dict[tuple[str, ...], float] = {}
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        counts = self.counts.get(key)
+        if counts is None:
+            counts = self.counts[key] = [0] * (len(self.buckets) + 1)
+            self.sums[key] = 0.0
+        counts[bisect_left(self.buckets, value)] += 1  # bucket bounds are inclusive (value <= le)
+        self.sums[key] += value
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        bounds = [*(repr(float(b)) for b in self.buckets), "+Inf"]
+        for key, counts in self.counts.items():
+            cumulative, running = [], 0
+            for bound, count in zip(bounds, counts):
+                running += count
+                cumulative.append((bound, running))
+            family.add_metric(key, cumulative, self.sums[key])
+        return family
+
+
+class _HotCollector(Collector):
+    def __init__(self, metrics: list[HotCounter | HotHistogram]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        for metric in self.metrics:
+            yield metric.family()
 
 
 class GatewayMetrics:
@@ -15,14 +89,14 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("lmserve_gateway_requests", "Requests answered, by model, backend and status.",
-                                ["model", "backend", "status"], registry=r)
-        self.latency = Histogram("lmserve_gateway_request_duration_seconds", "Whole-request latency.",
-                                 ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttfb = Histogram("lmserve_gateway_upstream_ttfb_seconds", "Time to the backend's first byte.",
-                              ["model", "backend"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("lmserve_gateway_tokens", "Tokens reported by backends.",
-                              ["model", "kind"], registry=r)
+        self.requests = HotCounter("lmserve_gateway_requests", "Requests answered, by model, backend and status.",
+                                   ("model", "backend", "status"))
+        self.latency = HotHistogram("lmserve_gateway_request_duration_seconds", "Whole-request latency.", ("model",))
+        self.ttfb = HotHistogram("lmserve_gateway_upstream_ttfb_seconds", "Time to the backend's first byte.",
+                                 ("model", "backend"))
+        self.tokens = HotCounter("lmserve_gateway_tokens", "Tokens reported by backends.", ("model", "kind"))
+        self.in_flight = HotCounter("lmserve_gateway_in_flight", "Requests in flight.", ("model",), is_gauge=True)
+        r.register(_HotCollector([self.requests, self.latency, self.ttfb, self.tokens, self.in_flight]))
         self.retries = Counter("lmserve_gateway_retries", "Requests retried on another backend.",
                                ["model"], registry=r)
         self.retry_budget_exhausted = Counter("lmserve_gateway_retry_budget_exhausted",
@@ -37,21 +111,10 @@ class GatewayMetrics:
                                     ["reason"], registry=r)
         self.shed = Counter("lmserve_gateway_shed", "Requests shed by priority under load.",
                             ["model", "priority"], registry=r)
-        self.in_flight = Gauge("lmserve_gateway_in_flight", "Requests in flight.", ["model"], registry=r)
         self.shared_state_errors = Counter("lmserve_gateway_shared_state_errors",
                                            "Failed calls to shared state (Redis); the gateway failed open.",
                                            ["component"], registry=r)
         self.cache = Counter("lmserve_gateway_cache", "Response cache lookups.", ["result"], registry=r)
-
-        self._children: dict[tuple[object, ...], object] = {}
-
-    def child(self, metric: object, *labels: str) -> Any:
-        """`metric.labels(*labels)`, memoised: the hot path skips prometheus_client's lock and checks."""
-        key = (id(metric), *labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)  # type: ignore[attr-defined]
-        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

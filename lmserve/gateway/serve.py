@@ -1,4 +1,4 @@
-"""Runs the gateway on uvicorn (uvloop + httptools) with graceful drain on SIGTERM/SIGINT.
+"""Runs the gateway on uvicorn (uvloop, the HTTP/1.1 protocol of http11.py) with graceful drain on SIGTERM/SIGINT.
 
 On the first signal `/ready` turns 503, uvicorn stops accepting connections, closes idle
 keep-alive connections, and waits up to `drain_seconds` for in-flight requests (streams included)
@@ -14,6 +14,7 @@ import uvicorn
 
 from lmserve.gateway.app import Gateway, create_app
 from lmserve.gateway.config import GatewayConfig
+from lmserve.gateway.http11 import HTTP11Protocol
 from lmserve.gateway.logs import setup_logging
 
 log = logging.getLogger("lmserve.gateway")
@@ -35,7 +36,7 @@ def run_gateway(config: GatewayConfig) -> None:
     setup_logging(config.log_level)
     gateway = create_app(config)
     uv_config = uvicorn.Config(
-        gateway, host=config.host, port=config.port, loop="uvloop", http="httptools", lifespan="on",
+        gateway, host=config.host, port=config.port, loop="uvloop", http=HTTP11Protocol, lifespan="on",
         access_log=False, log_config=None, log_level=config.log_level, backlog=4096,
         ssl_certfile=config.tls_certfile, ssl_keyfile=config.tls_keyfile,
         timeout_graceful_shutdown=int(config.drain_seconds), timeout_keep_alive=30,

@@ -185,8 +185,17 @@ class UpstreamResponse:
         return conn.take_chunk()
 
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.chunks()]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        """The whole body (usually already here: small responses arrive with their head)."""
+        conn = self._conn
+        parts = []
+        while True:
+            while conn.chunks:
+                parts.append(conn.take_chunk())
+            if conn.is_complete:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            if conn.error is not None:
+                raise conn.error
+            await conn.wait()
 
     def release(self) -> None:
         if self._is_released:

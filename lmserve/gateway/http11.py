@@ -1,0 +1,452 @@
+"""The gateway's HTTP/1.1 server protocol: ASGI over `httptools`, plugged into uvicorn as its `http` class.
+
+Why not uvicorn's own httptools protocol: on the gateway's hot path (a small request in, a small
+response out) it writes the response head and the body in two socket writes and checks every header
+with two regular expressions. A second `send` syscall per request on loopback costs as much as the
+gateway's whole admission step (benchmarks/gateway_overhead.py). This protocol holds the head until
+the first body message and writes both at once; the client cannot tell the difference, since no
+byte of a response is useful before its first body byte. uvicorn still owns the sockets, TLS,
+lifespan, signals and graceful shutdown (`shutdown()` below is its hook).
+
+What it does: keep-alive with an idle timeout; pipelined requests answered in order (at most
+`_MAX_PIPELINE` queued before reading pauses); request bodies streamed to `receive()` with read
+back-pressure; `Expect: 100-continue`; chunked responses when the app gives no content-length
+(close-delimited for HTTP/1.0 clients); HEAD; write back-pressure; `http.disconnect` when the client
+leaves or after the response; 400 on a malformed request, 431 on oversized headers, 500 when the app
+fails before its response starts. No upgrades (WebSocket), no HTTP/2.
+
+Invariant: `active` is the request whose app task runs (at most one per connection); `pending` holds
+parsed requests waiting their turn; `incoming` is the request the parser is filling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import deque
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote
+
+import httptools
+
+log = logging.getLogger("lmserve.gateway")
+
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+_READ_HIGH_WATER = 64 * 1024
+_MAX_PIPELINE = 16
+_MAX_HEAD_BYTES = 64 * 1024
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+
+
+def _status_line(status: int) -> bytes:
+    return _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
+
+
+def _plain_response(status: int, text: bytes) -> bytes:
+    return (_status_line(status) + b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+            b"content-length: " + str(len(text)).encode() + b"\r\n\r\n" + text)
+
+
+class _Cycle:
+    """One request and its response."""
+
+    __slots__ = ("body_parts", "body_size", "expected_length", "head", "is_body_complete", "is_body_delivered",
+                 "is_chunked", "is_disconnected", "is_head_request", "is_response_complete", "is_response_started",
+                 "keep_alive", "proto", "scope", "waiter", "wants_continue")
+
+    def __init__(self, proto: HTTP11Protocol, scope: dict[str, Any], keep_alive: bool, wants_continue: bool) -> None:
+        self.proto = proto
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.wants_continue = wants_continue
+        self.is_head_request = scope["method"] == "HEAD"
+        self.body_parts: list[bytes] = []
+        self.body_size = 0
+        self.is_body_complete = False
+        self.is_body_delivered = False
+        self.is_disconnected = False
+        self.is_response_started = False
+        self.is_response_complete = False
+        self.is_chunked = False
+        self.expected_length: int | None = None
+        self.head: list[bytes] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def run(self, app: Callable[..., Any]) -> None:
+        try:
+            await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                log.exception("exception in the gateway's ASGI application")
+            self._fail()
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if not self.is_response_complete:
+                if self.is_response_started:
+                    log.error("the ASGI application returned without completing its response")
+                self._fail()
+
+    def _fail(self) -> None:
+        """Ends a response that cannot be completed: a 500 when nothing was sent, else a closed connection."""
+        if self.is_disconnected or self.is_response_complete:
+            return
+        self.keep_alive = False
+        self.is_response_complete = True
+        transport = self.proto.transport
+        if not self.is_response_started or self.head is not None:
+            transport.write(_plain_response(500, b"Internal Server Error"))
+        transport.close()
+
+    # ASGI
+    async def receive(self) -> dict[str, Any]:
+        if self.wants_continue and not self.is_response_started:
+            self.wants_continue = False
+            self.proto.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while True:
+            if self.is_disconnected:
+                return {"type": "http.disconnect"}
+            if not self.is_body_delivered and (self.body_parts or self.is_body_complete):
+                parts = self.body_parts
+                body = parts[0] if len(parts) == 1 else b"".join(parts)
+                self.body_parts = []
+                self.body_size = 0
+                self.is_body_delivered = self.is_body_complete
+                self.proto.resume_body()
+                return {"type": "http.request", "body": body, "more_body": not self.is_body_complete}
+            if self.is_body_delivered and self.is_response_complete:
+                return {"type": "http.disconnect"}
+            self.waiter = self.proto.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        proto = self.proto
+        if proto.is_write_paused and not self.is_disconnected:
+            await proto.drain()
+        if self.is_disconnected:
+            return
+        kind = message["type"]
+        if not self.is_response_started:
+            if kind != "http.response.start":
+                raise RuntimeError(f"expected 'http.response.start', got {kind!r}")
+            self.head = self._head(message["status"], message.get("headers", ()))
+            self.is_response_started = True
+            self.wants_continue = False
+            return
+        if self.is_response_complete:
+            raise RuntimeError(f"unexpected {kind!r} after the response was complete")
+        if kind != "http.response.body":
+            raise RuntimeError(f"expected 'http.response.body', got {kind!r}")
+        body: bytes = message.get("body", b"")
+        more_body = message.get("more_body", False)
+        out = self.head or []
+        self.head = None
+        if self.is_head_request:
+            pass
+        elif self.is_chunked:
+            if body:
+                out += (b"%x\r\n" % len(body), body, b"\r\n")
+            if not more_body:
+                out.append(b"0\r\n\r\n")
+        else:
+            if self.expected_length is not None:
+                self.expected_length -= len(body)
+                if self.expected_length < 0:
+                    raise RuntimeError("response body longer than its content-length")
+            out.append(body)
+        if out:
+            proto.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if not more_body:
+            if self.expected_length and not self.is_head_request:
+                raise RuntimeError("response body shorter than its content-length")
+            self.is_response_complete = True
+            proto.on_response_complete(self)
+
+    def _head(self, status: int, headers: Any) -> list[bytes]:
+        out = [_status_line(status)]
+        has_length = has_encoding = False
+        for name, value in (*self.proto.default_headers, *headers):
+            lower = self.proto.checked_name(name)
+            if _BAD_VALUE.search(value):
+                raise RuntimeError(f"invalid value for response header {lower!r}")
+            if lower == b"content-length":
+                has_length = True
+                self.expected_length = int(value)
+            elif lower == b"transfer-encoding":
+                has_encoding = True
+                self.is_chunked = value.lower() == b"chunked"
+            elif lower == b"connection" and b"close" in value.lower():
+                self.keep_alive = False
+            out += (lower, b": ", value, b"\r\n")
+        if not (has_length or has_encoding or self.is_head_request or status in (204, 304)):
+            if self.scope["http_version"] == "1.1":
+                self.is_chunked = True
+                out.append(b"transfer-encoding: chunked\r\n")
+            else:
+                self.keep_alive = False  # an HTTP/1.0 body without a length ends when the connection closes
+        if not self.keep_alive:
+            out.append(b"connection: close\r\n")
+        out.append(b"\r\n")
+        return out
+
+
+class HTTP11Protocol(asyncio.Protocol):
+    """One client connection. Constructed by uvicorn (`uvicorn.Config(app, http=HTTP11Protocol)`)."""
+
+    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if not config.loaded:
+            config.load()
+        self.app = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.root_path = config.root_path
+        self.keep_alive_timeout = config.timeout_keep_alive
+        self.server_state = server_state
+        self.app_state = app_state
+        self.default_headers: list[tuple[bytes, bytes]] = server_state.default_headers
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.server: tuple[str, int] | None = None
+        self.client: tuple[str, int] | None = None
+        self.scheme = "http"
+        self.active: _Cycle | None = None
+        self.incoming: _Cycle | None = None
+        self.pending: deque[_Cycle] = deque()
+        self.is_read_paused = False
+        self.is_write_paused = False
+        self.is_closing = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
+        self.names: dict[bytes, bytes] = {}
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server_state.connections.add(self)
+        self.server = _address(transport.get_extra_info("sockname"))
+        self.client = _address(transport.get_extra_info("peername"))
+        self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+        self.idle_since = self.loop.time()
+        self._arm_idle_timer(self.keep_alive_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server_state.connections.discard(self)
+        self.is_closing = True
+        self._cancel_idle_timer()
+        for cycle in (self.active, *self.pending, self.incoming):
+            if cycle is not None and not cycle.is_response_complete:
+                cycle.is_disconnected = True
+                cycle.wake()
+        self.pending.clear()
+        self.resume_writing()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too: a half-closed client gets no more responses
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(400, b"Protocol upgrades are not supported.")
+        except httptools.HttpParserError:
+            self._refuse(431 if self._head_bytes > _MAX_HEAD_BYTES else 400, b"Malformed HTTP request.")
+
+    def pause_writing(self) -> None:
+        self.is_write_paused = True
+
+    def resume_writing(self) -> None:
+        self.is_write_paused = False
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drain(self) -> None:
+        self.drain_waiter = self.loop.create_future()
+        try:
+            await self.drain_waiter
+        finally:
+            self.drain_waiter = None
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._grow_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+        self._grow_head(len(name) + len(value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        url = self._url
+        if url[:1] == b"/":
+            raw_path, _, query = url.partition(b"?")
+        else:  # absolute form: http://host/path?query
+            parsed = httptools.parse_url(url)
+            raw_path, query = parsed.path or b"/", parsed.query or b""
+        path = raw_path.decode("ascii", "replace")
+        if "%" in path:
+            path = unquote(path)
+        method = parser.get_method().decode("ascii")
+        scope = {"type": "http", "asgi": _ASGI, "http_version": parser.get_http_version(), "server": self.server,
+                 "client": self.client, "scheme": self.scheme, "method": method, "root_path": self.root_path,
+                 "path": path, "raw_path": raw_path, "query_string": query, "headers": self._headers,
+                 "state": self.app_state.copy()}
+        wants_continue = any(k == b"expect" and v.lower() == b"100-continue" for k, v in self._headers)
+        cycle = _Cycle(self, scope, parser.should_keep_alive() and not self.is_closing, wants_continue)
+        self.incoming = cycle
+        self.server_state.total_requests += 1
+        if self.active is None:
+            self._start(cycle)
+        else:
+            self.pending.append(cycle)
+            if len(self.pending) >= _MAX_PIPELINE:
+                self._pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.incoming
+        if cycle is None or cycle.is_disconnected or cycle.is_response_complete:
+            return  # nobody will read it
+        cycle.body_parts.append(body)
+        cycle.body_size += len(body)
+        if cycle.body_size > _READ_HIGH_WATER:
+            self._pause_reading()
+        cycle.wake()
+
+    def on_message_complete(self) -> None:
+        cycle = self.incoming
+        if cycle is None:
+            return
+        self.incoming = None
+        cycle.is_body_complete = True
+        cycle.wake()
+
+    # request flow
+    def _start(self, cycle: _Cycle) -> None:
+        self.active = cycle
+        task = self.loop.create_task(cycle.run(self.app))
+        tasks = self.server_state.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def on_response_complete(self, cycle: _Cycle) -> None:
+        cycle.wake()  # a receive() waiting for the disconnect returns now
+        if cycle is not self.active:
+            return
+        self.active = None
+        if not cycle.keep_alive or self.is_closing or not cycle.is_body_complete:
+            # Answered before its body was read (a 413, say): close rather than read the rest.
+            self.transport.close()
+            return
+        if self.pending:
+            self._start(self.pending.popleft())
+            if len(self.pending) < _MAX_PIPELINE // 2:
+                self.resume_body()
+        else:
+            self.idle_since = self.loop.time()
+
+    def resume_body(self) -> None:
+        """Reading resumes once the app has taken the buffered body and the pipeline has room."""
+        if self.is_read_paused and len(self.pending) < _MAX_PIPELINE and not self.is_closing:
+            incoming = self.incoming
+            if incoming is None or incoming.body_size <= _READ_HIGH_WATER:
+                self.is_read_paused = False
+                self.transport.resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.is_read_paused:
+            self.is_read_paused = True
+            self.transport.pause_reading()
+
+    def _grow_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > _MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("request head too large")
+
+    def _refuse(self, status: int, text: bytes) -> None:
+        """A request that cannot be parsed: answered when no response is in progress, then the connection closes."""
+        self.is_closing = True
+        self.pending.clear()
+        self.incoming = None
+        self._pause_reading()
+        active = self.active
+        if active is None:
+            self.transport.write(_plain_response(status, text))
+            self.transport.close()
+        elif active.is_body_complete:
+            active.keep_alive = False  # its response goes out, then the connection closes
+        else:  # the active request's own body is malformed
+            active.is_disconnected = True
+            active.wake()
+            self.transport.close()
+
+    def checked_name(self, name: bytes) -> bytes:
+        """The lower-cased header name, validated once per distinct name (a bounded cache)."""
+        lower = self.names.get(name)
+        if lower is None:
+            if not _TOKEN.fullmatch(name):
+                raise RuntimeError(f"invalid response header name {name!r}")
+            lower = name.lower()
+            if len(self.names) < 256:
+                self.names[name] = lower
+        return lower
+
+    def _arm_idle_timer(self, delay: float) -> None:
+        # One timer per connection, not one per request: when it fires it checks how long the
+        # connection has really been idle and re-arms itself for the rest.
+        self.idle_timer = self.loop.call_later(delay, self._check_idle)
+
+    def _cancel_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def _check_idle(self) -> None:
+        self.idle_timer = None
+        if self.is_closing:
+            return
+        if self.active is not None or self.pending or self.incoming is not None:
+            self._arm_idle_timer(self.keep_alive_timeout)  # busy: look again later
+            return
+        idle_for = self.loop.time() - self.idle_since
+        if idle_for >= self.keep_alive_timeout:
+            self.transport.close()
+        else:
+            self._arm_idle_timer(self.keep_alive_timeout - idle_for)
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful-shutdown hook: idle connections close now, busy ones after their response."""
+        self.is_closing = True
+        if self.active is None:
+            self.transport.close()
+        else:
+            self.active.keep_alive = False
+            self.pending.clear()
+
+
+def _address(info: Any) -> tuple[str, int] | None:
+    if isinstance(info, tuple) and len(info) >= 2:
+        return str(info[0]), int(info[1])
+    return None
