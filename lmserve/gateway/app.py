@@ -106,19 +106,20 @@ class Gateway:
             self.tracer.shutdown()
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "lifespan":
+        if scope["type"] == "http":
+            handler = self.handler
+            if handler is not None and scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+                await handler(scope, receive, send)  # the hot path, tested first
+            else:
+                await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
         if path.startswith("/v1/"):
-            if method == "POST" and self.handler is not None:
-                await self.handler(scope, receive, send)
-            elif method == "GET" and path == "/v1/models" and self.handler is not None:
+            if method == "GET" and path == "/v1/models" and self.handler is not None:
                 await self._models(scope, send)
             else:
                 await send_error(send, GatewayError(405, f"{method} {path} is not supported.",

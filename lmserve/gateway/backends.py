@@ -77,10 +77,11 @@ class ModelPool:
 
     config: ModelConfig
     backends: list[Backend]
+    name: str = field(init=False)
+    """`config.name`, read on every request."""
 
-    @property
-    def name(self) -> str:
-        return self.config.name
+    def __post_init__(self) -> None:
+        self.name = self.config.name
 
     def available(self) -> list[Backend]:
         return [b for b in self.backends if b.is_available()]

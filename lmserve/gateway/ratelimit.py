@@ -51,20 +51,19 @@ def has_limits(principal: Principal) -> bool:
 
 def limit_headers(principal: Principal, state: LimitState, window: float) -> list[tuple[bytes, bytes]]:
     """OpenAI-style `x-ratelimit-*` headers (reset in seconds, e.g. `12.5s`)."""
-    reset = f"{max(0.0, state.window_start + window - state.now):.1f}s".encode()
+    reset = b"%.1fs" % max(0.0, state.window_start + window - state.now)
     headers: list[tuple[bytes, bytes]] = []
     if principal.rpm is not None:
-        headers += [(b"x-ratelimit-limit-requests", str(principal.rpm).encode()),
-                    (b"x-ratelimit-remaining-requests", str(max(0, principal.rpm - state.num_requests)).encode()),
+        headers += [(b"x-ratelimit-limit-requests", b"%d" % principal.rpm),
+                    (b"x-ratelimit-remaining-requests", b"%d" % max(0, principal.rpm - state.num_requests)),
                     (b"x-ratelimit-reset-requests", reset)]
     if principal.tpm is not None:
-        headers += [(b"x-ratelimit-limit-tokens", str(principal.tpm).encode()),
-                    (b"x-ratelimit-remaining-tokens", str(max(0, principal.tpm - state.num_tokens)).encode()),
+        headers += [(b"x-ratelimit-limit-tokens", b"%d" % principal.tpm),
+                    (b"x-ratelimit-remaining-tokens", b"%d" % max(0, principal.tpm - state.num_tokens)),
                     (b"x-ratelimit-reset-tokens", reset)]
     if principal.budget_tokens is not None:
-        headers += [(b"x-ratelimit-limit-budget-tokens", str(principal.budget_tokens).encode()),
-                    (b"x-ratelimit-remaining-budget-tokens",
-                     str(max(0, principal.budget_tokens - state.budget_used)).encode())]
+        headers += [(b"x-ratelimit-limit-budget-tokens", b"%d" % principal.budget_tokens),
+                    (b"x-ratelimit-remaining-budget-tokens", b"%d" % max(0, principal.budget_tokens - state.budget_used))]
     return headers
 
 

@@ -5,6 +5,7 @@ Only what routing, accounting and backend safety need is checked; the backend va
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -36,42 +37,61 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_number(body: dict[str, Any], name: str, low: float, high: float) -> None:
-    value = body.get(name)
-    if value is None:
-        return
-    if not _is_number(value) or not low <= value <= high:
-        raise bad_request(f"`{name}` must be a number between {low} and {high}.", param=name)
+def _check_max_tokens(name: str, value: Any, limits: LimitsConfig) -> None:
+    if not _is_int(value) or value < 1:
+        raise bad_request(f"`{name}` must be a positive integer.", param=name)
+    if value > limits.max_tokens_limit:
+        raise bad_request(f"`{name}` is {value}; at most {limits.max_tokens_limit} is allowed.", param=name)
+
+
+def _in_range(low: float, high: float) -> Callable[[str, Any, LimitsConfig], None]:
+    def check(name: str, value: Any, limits: LimitsConfig) -> None:
+        if not _is_number(value) or not low <= value <= high:
+            raise bad_request(f"`{name}` must be a number between {low} and {high}.", param=name)
+    return check
+
+
+def _check_n(name: str, value: Any, limits: LimitsConfig) -> None:
+    if not _is_int(value) or not 1 <= value <= 128:
+        raise bad_request("`n` must be an integer between 1 and 128.", param=name)
+
+
+def _check_seed(name: str, value: Any, limits: LimitsConfig) -> None:
+    if not _is_int(value):
+        raise bad_request("`seed` must be an integer.", param=name)
+
+
+def _check_stream(name: str, value: Any, limits: LimitsConfig) -> None:
+    if not isinstance(value, bool):
+        raise bad_request("`stream` must be a boolean.", param=name)
+
+
+def _check_stream_options(name: str, value: Any, limits: LimitsConfig) -> None:
+    if not isinstance(value, dict):
+        raise bad_request("`stream_options` must be an object.", param=name)
+
+
+def _check_stop(name: str, value: Any, limits: LimitsConfig) -> None:
+    if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+        raise bad_request("`stop` must be a string or a list of strings.", param=name)
+
+
+_CHECKS: dict[str, Callable[[str, Any, LimitsConfig], None]] = {
+    "max_tokens": _check_max_tokens, "max_completion_tokens": _check_max_tokens,
+    "temperature": _in_range(0, 2), "top_p": _in_range(0, 1),
+    "presence_penalty": _in_range(-2, 2), "frequency_penalty": _in_range(-2, 2),
+    "n": _check_n, "seed": _check_seed, "stream": _check_stream, "stream_options": _check_stream_options,
+    "stop": _check_stop,
+}
+"""Checks of the body fields the gateway relies on; a null value is left to the backend's default."""
 
 
 def _check_sampling(body: dict[str, Any], limits: LimitsConfig) -> None:
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not _is_int(value) or value < 1:
-            raise bad_request(f"`{name}` must be a positive integer.", param=name)
-        if value > limits.max_tokens_limit:
-            raise bad_request(f"`{name}` is {value}; at most {limits.max_tokens_limit} is allowed.", param=name)
-    _check_number(body, "temperature", 0, 2)
-    _check_number(body, "top_p", 0, 1)
-    _check_number(body, "presence_penalty", -2, 2)
-    _check_number(body, "frequency_penalty", -2, 2)
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or not 1 <= n <= 128):
-        raise bad_request("`n` must be an integer between 1 and 128.", param="n")
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise bad_request("`seed` must be an integer.", param="seed")
-    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
-        raise bad_request("`stream` must be a boolean.", param="stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise bad_request("`stream_options` must be an object.", param="stream_options")
-    stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise bad_request("`stop` must be a string or a list of strings.", param="stop")
+    # Walks the fields present (usually a handful) rather than looking up every checked name.
+    for name, value in body.items():
+        check = _CHECKS.get(name)
+        if check is not None and value is not None:
+            check(name, value, limits)
 
 
 def _message_chars(messages: Any) -> int:
