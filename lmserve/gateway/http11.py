@@ -13,7 +13,8 @@ What it does: keep-alive with an idle timeout; pipelined requests answered in or
 back-pressure; `Expect: 100-continue`; chunked responses when the app gives no content-length
 (close-delimited for HTTP/1.0 clients); HEAD; write back-pressure; `http.disconnect` when the client
 leaves or after the response; 400 on a malformed request, 431 on oversized headers, 500 when the app
-fails before its response starts. No upgrades (WebSocket), no HTTP/2.
+fails before its response starts. No upgrades (WebSocket; an `Upgrade` request is answered as plain
+HTTP, then the connection closes), no HTTP/2.
 
 Invariant: `active` is the request whose app task runs (at most one per connection); `pending` holds
 parsed requests waiting their turn; `incoming` is the request the parser is filling.
@@ -178,7 +179,7 @@ class _Cycle:
     def _head(self, status: int, headers: Any) -> list[bytes]:
         out = [_status_line(status)]
         has_length = has_encoding = False
-        for name, value in (*self.proto.default_headers, *headers):
+        for name, value in (*self.proto.server_state.default_headers, *headers):
             lower = self.proto.checked_name(name)
             if _BAD_VALUE.search(value):
                 raise RuntimeError(f"invalid value for response header {lower!r}")
@@ -216,7 +217,6 @@ class HTTP11Protocol(asyncio.Protocol):
         self.keep_alive_timeout = config.timeout_keep_alive
         self.server_state = server_state
         self.app_state = app_state
-        self.default_headers: list[tuple[bytes, bytes]] = server_state.default_headers
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.server: tuple[str, int] | None = None
@@ -235,6 +235,7 @@ class HTTP11Protocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._expects_continue = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -264,6 +265,8 @@ class HTTP11Protocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            # Upgrades are not supported: the request itself is answered as plain HTTP (the app has it
+            # already), then the connection closes.
             self._refuse(400, b"Protocol upgrades are not supported.")
         except httptools.HttpParserError:
             self._refuse(431 if self._head_bytes > _MAX_HEAD_BYTES else 400, b"Malformed HTTP request.")
@@ -289,13 +292,17 @@ class HTTP11Protocol(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_bytes = 0
+        self._expects_continue = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._grow_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        lower = name.lower()
+        self._headers.append((lower, value))
+        if lower == b"expect" and value.lower() == b"100-continue":
+            self._expects_continue = True
         self._grow_head(len(name) + len(value))
 
     def on_headers_complete(self) -> None:
@@ -314,8 +321,7 @@ class HTTP11Protocol(asyncio.Protocol):
                  "client": self.client, "scheme": self.scheme, "method": method, "root_path": self.root_path,
                  "path": path, "raw_path": raw_path, "query_string": query, "headers": self._headers,
                  "state": self.app_state.copy()}
-        wants_continue = any(k == b"expect" and v.lower() == b"100-continue" for k, v in self._headers)
-        cycle = _Cycle(self, scope, parser.should_keep_alive() and not self.is_closing, wants_continue)
+        cycle = _Cycle(self, scope, parser.should_keep_alive() and not self.is_closing, self._expects_continue)
         self.incoming = cycle
         self.server_state.total_requests += 1
         if self.active is None:

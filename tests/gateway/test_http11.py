@@ -254,3 +254,11 @@ def test_large_response_to_a_slow_reader(server: str) -> None:
         return received
 
     assert asyncio.run(slow_read()) == 128 * 65536
+
+
+def test_upgrade_request_is_answered_as_plain_http_then_closed(server: str) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"GET /up HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+        data = _recv_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in data
+    assert b'"path":"/up"' in data
