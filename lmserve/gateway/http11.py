@@ -57,7 +57,7 @@ class _Cycle:
     """One request and its response."""
 
     __slots__ = ("body_parts", "body_size", "expected_length", "head", "is_body_complete", "is_body_delivered",
-                 "is_chunked", "is_disconnected", "is_head_request", "is_response_complete", "is_response_started",
+                 "is_bodyless", "is_chunked", "is_disconnected", "is_response_complete", "is_response_started",
                  "keep_alive", "proto", "scope", "waiter", "wants_continue")
 
     def __init__(self, proto: HTTP11Protocol, scope: dict[str, Any], keep_alive: bool, wants_continue: bool) -> None:
@@ -65,7 +65,7 @@ class _Cycle:
         self.scope = scope
         self.keep_alive = keep_alive
         self.wants_continue = wants_continue
-        self.is_head_request = scope["method"] == "HEAD"
+        self.is_bodyless = scope["method"] == "HEAD"
         self.body_parts: list[bytes] = []
         self.body_size = 0
         self.is_body_complete = False
@@ -125,7 +125,8 @@ class _Cycle:
                 self.is_body_delivered = self.is_body_complete
                 self.proto.resume_body()
                 return {"type": "http.request", "body": body, "more_body": not self.is_body_complete}
-            if self.is_body_delivered and self.is_response_complete:
+            if self.is_response_complete and (self.is_body_delivered or not self.is_body_complete):
+                # Answered: the rest of an unread body will never come (the connection closes).
                 return {"type": "http.disconnect"}
             self.waiter = self.proto.loop.create_future()
             try:
@@ -153,32 +154,34 @@ class _Cycle:
             raise RuntimeError(f"expected 'http.response.body', got {kind!r}")
         body: bytes = message.get("body", b"")
         more_body = message.get("more_body", False)
+        if self.is_bodyless:
+            body = b""  # HEAD, 1xx, 204, 304: nothing may follow the head
+        elif not self.is_chunked and self.expected_length is not None:
+            if len(body) > self.expected_length:
+                raise RuntimeError("response body longer than its content-length")
+            self.expected_length -= len(body)
         out = self.head or []
         self.head = None
-        if self.is_head_request:
-            pass
-        elif self.is_chunked:
+        if self.is_chunked and not self.is_bodyless:
             if body:
                 out += (b"%x\r\n" % len(body), body, b"\r\n")
             if not more_body:
                 out.append(b"0\r\n\r\n")
-        else:
-            if self.expected_length is not None:
-                self.expected_length -= len(body)
-                if self.expected_length < 0:
-                    raise RuntimeError("response body longer than its content-length")
+        elif body:
             out.append(body)
         if out:
             proto.transport.write(out[0] if len(out) == 1 else b"".join(out))
         if not more_body:
-            if self.expected_length and not self.is_head_request:
+            if self.expected_length and not self.is_bodyless:
                 raise RuntimeError("response body shorter than its content-length")
             self.is_response_complete = True
             proto.on_response_complete(self)
 
     def _head(self, status: int, headers: Any) -> list[bytes]:
         out = [_status_line(status)]
-        has_length = has_encoding = False
+        has_length = has_encoding = has_close = False
+        if status < 200 or status in (204, 304):
+            self.is_bodyless = True
         for name, value in (*self.proto.server_state.default_headers, *headers):
             lower = self.proto.checked_name(name)
             if _BAD_VALUE.search(value):
@@ -189,16 +192,19 @@ class _Cycle:
             elif lower == b"transfer-encoding":
                 has_encoding = True
                 self.is_chunked = value.lower() == b"chunked"
+                if not self.is_chunked:
+                    self.keep_alive = False  # a body in another coding ends when the connection closes
             elif lower == b"connection" and b"close" in value.lower():
                 self.keep_alive = False
+                has_close = True
             out += (lower, b": ", value, b"\r\n")
-        if not (has_length or has_encoding or self.is_head_request or status in (204, 304)):
+        if not (has_length or has_encoding or self.is_bodyless):
             if self.scope["http_version"] == "1.1":
                 self.is_chunked = True
                 out.append(b"transfer-encoding: chunked\r\n")
             else:
                 self.keep_alive = False  # an HTTP/1.0 body without a length ends when the connection closes
-        if not self.keep_alive:
+        if not self.keep_alive and not has_close:
             out.append(b"connection: close\r\n")
         out.append(b"\r\n")
         return out
@@ -228,6 +234,8 @@ class HTTP11Protocol(asyncio.Protocol):
         self.is_read_paused = False
         self.is_write_paused = False
         self.is_closing = False
+        self.is_refused = False
+        """A request could not be parsed: nothing more is read from this connection."""
         self.drain_waiter: asyncio.Future[None] | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.idle_since = 0.0
@@ -235,6 +243,9 @@ class HTTP11Protocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._head_chunk_bytes = 0
+        self._in_head = False
+        self._message_began = False
         self._expects_continue = False
 
     # asyncio.Protocol
@@ -262,6 +273,8 @@ class HTTP11Protocol(asyncio.Protocol):
         return None  # close our side too: a half-closed client gets no more responses
 
     def data_received(self, data: bytes) -> None:
+        was_in_head = self._in_head
+        self._message_began = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -270,6 +283,13 @@ class HTTP11Protocol(asyncio.Protocol):
             self._refuse(400, b"Protocol upgrades are not supported.")
         except httptools.HttpParserError:
             self._refuse(431 if self._head_bytes > _MAX_HEAD_BYTES else 400, b"Malformed HTTP request.")
+        else:
+            if was_in_head and self._in_head and not self._message_began:
+                # This chunk lies wholly inside one request head: a header line that never ends is
+                # refused here, before httptools has passed any of it on.
+                self._head_chunk_bytes += len(data)
+                if self._head_chunk_bytes > _MAX_HEAD_BYTES:
+                    self._refuse(431, b"Request head too large.")
 
     def pause_writing(self) -> None:
         self.is_write_paused = True
@@ -292,6 +312,9 @@ class HTTP11Protocol(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_bytes = 0
+        self._head_chunk_bytes = 0
+        self._in_head = True
+        self._message_began = True
         self._expects_continue = False
 
     def on_url(self, url: bytes) -> None:
@@ -306,6 +329,7 @@ class HTTP11Protocol(asyncio.Protocol):
         self._grow_head(len(name) + len(value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         parser = self.parser
         url = self._url
         if url[:1] == b"/":
@@ -375,7 +399,7 @@ class HTTP11Protocol(asyncio.Protocol):
 
     def resume_body(self) -> None:
         """Reading resumes once the app has taken the buffered body and the pipeline has room."""
-        if self.is_read_paused and len(self.pending) < _MAX_PIPELINE and not self.is_closing:
+        if self.is_read_paused and len(self.pending) < _MAX_PIPELINE and not self.is_refused:
             incoming = self.incoming
             if incoming is None or incoming.body_size <= _READ_HIGH_WATER:
                 self.is_read_paused = False
@@ -394,6 +418,7 @@ class HTTP11Protocol(asyncio.Protocol):
     def _refuse(self, status: int, text: bytes) -> None:
         """A request that cannot be parsed: answered when no response is in progress, then the connection closes."""
         self.is_closing = True
+        self.is_refused = True
         self.pending.clear()
         self.incoming = None
         self._pause_reading()

@@ -53,6 +53,17 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await _read_all(receive)
         message = await receive()  # the body is read: the next message is the disconnect
         _EVENTS.append(message["type"])
+    elif path == "/too-long":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"abc"})
+    elif path == "/no-content":
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b"MUST-NOT-APPEAR"})
+    elif path == "/early":
+        await receive()  # the first part of the body, then the answer, then the rest never comes
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+        _EVENTS.append((await receive())["type"])
     elif path == "/big":
         chunk = b"x" * 65536
         await send({"type": "http.response.start", "status": 200,
@@ -213,10 +224,11 @@ def test_app_errors_give_500_without_details(server: str) -> None:
     response = httpx.get(f"http://{server}/error")
     assert response.status_code == 500 and response.text == "Internal Server Error"
     assert "secret" not in response.text
-    with _connect(server) as sock:
-        sock.sendall(b"GET /bad-header HTTP/1.1\r\nhost: t\r\n\r\n")
-        data = _recv_until_closed(sock)
-    assert data.startswith(b"HTTP/1.1 500") and b"evil" not in data
+    for path, leak in ((b"/bad-header", b"evil"), (b"/too-long", b"abc")):
+        with _connect(server) as sock:
+            sock.sendall(b"GET " + path + b" HTTP/1.1\r\nhost: t\r\n\r\n")
+            data = _recv_until_closed(sock)
+        assert data.startswith(b"HTTP/1.1 500") and leak not in data
 
 
 def test_client_disconnect_reaches_the_app(server: str) -> None:
@@ -262,3 +274,36 @@ def test_upgrade_request_is_answered_as_plain_http_then_closed(server: str) -> N
         data = _recv_until_closed(sock)
     assert data.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in data
     assert b'"path":"/up"' in data
+
+
+def test_header_line_that_never_ends_is_refused(server: str) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: t\r\nx-big: ")
+        refused = b""
+        for _ in range(40):  # up to 160 KiB of one unterminated header value, 4 KiB at a time
+            try:
+                sock.sendall(b"a" * 4096)
+            except OSError:
+                break
+            time.sleep(0.002)
+        refused = _recv_until_closed(sock)
+    assert refused.startswith(b"HTTP/1.1 431")
+
+
+def test_bodyless_statuses_and_early_answers(server: str) -> None:
+    with _connect(server) as sock:  # a body given with a 204 never reaches the wire
+        sock.sendall(b"GET /no-content HTTP/1.1\r\nhost: t\r\n\r\nGET /after HTTP/1.1\r\nhost: t\r\n\r\n")
+        buffer = bytearray()
+        while b'"path":"/after"' not in buffer:
+            buffer += sock.recv(65536)
+    assert buffer.startswith(b"HTTP/1.1 204 No Content\r\n")
+    assert buffer.split(b"\r\n\r\n", 1)[1].startswith(b"HTTP/1.1 200 OK")
+    _EVENTS.clear()
+    with _connect(server) as sock:  # answered before the body arrived: receive() then says disconnect
+        sock.sendall(b"POST /early HTTP/1.1\r\nhost: t\r\ncontent-length: 100000\r\n\r\n0123456789")
+        data = _recv_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 413")
+    deadline = time.monotonic() + 5
+    while not _EVENTS and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _EVENTS == ["http.disconnect"]
