@@ -25,6 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 ENV_PREFIX = "LMSERVE_"
 
 
+def lmserve_home() -> Path:
+    """Where `lmserve up` keeps keys, logs and generated configs: $LMSERVE_HOME, else ~/.lmserve."""
+    return Path(os.environ.get("LMSERVE_HOME") or Path.home() / ".lmserve").expanduser()
+
+
 @cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass (`x: int = 1` then `\"\"\"doc\"\"\"`)."""

@@ -43,7 +43,7 @@ def run_block(block: str, stack: StackProcess, tmp_path: Path, index: int) -> st
     with -e and pipefail: any failing command fails the block."""
     script = tmp_path / f"block{index}.sh"
     script.write_text(localize(block, stack))
-    env = {**os.environ, "LMSERVE_KEY": stack.api_key, "PYTHONPATH": str(REPO_ROOT),
+    env = {**os.environ, "LMSERVE_KEY": stack.api_key, "LMSERVE_HOME": str(stack.home), "PYTHONPATH": str(REPO_ROOT),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     done = subprocess.run(["bash", "-e", "-o", "pipefail", str(script)], capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=300, check=False)

@@ -10,7 +10,8 @@ import typer
 
 keys_app = typer.Typer(help="Create, list and revoke gateway API keys; show their usage.", no_args_is_help=True)
 
-_DB_HELP = "SQLAlchemy database URL (default: the gateway config's, else sqlite:///lmserve-gateway.db)."
+_DB_HELP = ("SQLAlchemy database URL (default: the gateway config's; without -c, that of the stack `lmserve up` "
+            "runs, $LMSERVE_HOME/gateway.yaml; else sqlite:///lmserve-gateway.db).")
 
 
 def gateway_command(
@@ -38,8 +39,17 @@ def _store(database_url: str | None, config: str | None):  # type: ignore[no-unt
     from lmserve.gateway.keystore import KeyStore
 
     if database_url is None:
-        database_url = load_config(config).database_url
+        database_url = load_config(config or _stack_config()).database_url
     return KeyStore(database_url)
+
+
+def _stack_config() -> str | None:
+    """The gateway config `lmserve up` wrote, when there is one: `lmserve keys` then manages the
+    running stack's keys without -c."""
+    from lmserve.settings import lmserve_home
+
+    path = lmserve_home() / "gateway.yaml"
+    return str(path) if path.is_file() else None
 
 
 def _parse_expiry(value: str | None) -> dt.datetime | None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lmserve.settings import lmserve_home
 
 STRATEGIES = ("round_robin", "least_outstanding", "latency", "prefix_affinity", "weighted")
 
@@ -86,7 +87,7 @@ class StackConfig:
 
     @property
     def home_dir(self) -> Path:
-        return Path(self.home or os.environ.get("LMSERVE_HOME") or Path.home() / ".lmserve").expanduser()
+        return Path(self.home).expanduser() if self.home else lmserve_home()
 
 
 def load_stack_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> StackConfig:

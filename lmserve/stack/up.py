@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from lmserve.settings import lmserve_home
 from lmserve.stack.config import ModelDeployment, StackConfig
 from lmserve.stack.supervisor import Child, Supervisor
 
@@ -141,6 +142,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _config_flag(stack: Stack) -> str:
+    """`lmserve keys` finds the default home's gateway config by itself; another home needs -c."""
+    if stack.home.resolve() == lmserve_home().resolve():
+        return ""
+    return f" -c {stack.home / 'gateway.yaml'}"
+
+
 def banner(stack: Stack, api_key: str) -> str:
     model = stack.config.models[0].name
     url = stack.gateway_url
@@ -153,7 +161,7 @@ def banner(stack: Stack, api_key: str) -> str:
         f"  metrics:     {url}/metrics",
         f"  logs:        {stack.logs}",
         f"  admin key:   {stack.home / 'admin_key'}",
-        f"  more keys:   lmserve keys create --name NAME -c {stack.home / 'gateway.yaml'}",
+        f"  more keys:   lmserve keys create --name NAME{_config_flag(stack)}",
         "  try:",
         f"    curl {url}/v1/chat/completions -H 'Authorization: Bearer {api_key}' \\",
         "      -H 'Content-Type: application/json' \\",
