@@ -33,6 +33,8 @@ from urllib.parse import unquote
 
 import httptools
 
+from lmserve.gateway.waiter import Waiter
+
 log = logging.getLogger("lmserve.gateway")
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
@@ -76,12 +78,7 @@ class _Cycle:
         self.is_chunked = False
         self.expected_length: int | None = None
         self.head: list[bytes] | None = None
-        self.waiter: asyncio.Future[None] | None = None
-
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.waiter = Waiter(proto.loop)
 
     async def run(self, app: Callable[..., Any]) -> None:
         try:
@@ -128,16 +125,12 @@ class _Cycle:
             if self.is_response_complete and (self.is_body_delivered or not self.is_body_complete):
                 # Answered: the rest of an unread body will never come (the connection closes).
                 return {"type": "http.disconnect"}
-            self.waiter = self.proto.loop.create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
+            await self.waiter.wait()
 
     async def send(self, message: dict[str, Any]) -> None:
         proto = self.proto
         if proto.is_write_paused and not self.is_disconnected:
-            await proto.drain()
+            await proto.drained.wait()
         if self.is_disconnected:
             return
         kind = message["type"]
@@ -236,7 +229,8 @@ class HTTP11Protocol(asyncio.Protocol):
         self.is_closing = False
         self.is_refused = False
         """A request could not be parsed: nothing more is read from this connection."""
-        self.drain_waiter: asyncio.Future[None] | None = None
+        self.drained = Waiter(self.loop)
+        """Woken when the transport's write buffer has room again."""
         self.idle_timer: asyncio.TimerHandle | None = None
         self.idle_since = 0.0
         self.names: dict[bytes, bytes] = {}
@@ -265,7 +259,7 @@ class HTTP11Protocol(asyncio.Protocol):
         for cycle in (self.active, *self.pending, self.incoming):
             if cycle is not None and not cycle.is_response_complete:
                 cycle.is_disconnected = True
-                cycle.wake()
+                cycle.waiter.wake()
         self.pending.clear()
         self.resume_writing()
 
@@ -296,16 +290,7 @@ class HTTP11Protocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.is_write_paused = False
-        waiter = self.drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def drain(self) -> None:
-        self.drain_waiter = self.loop.create_future()
-        try:
-            await self.drain_waiter
-        finally:
-            self.drain_waiter = None
+        self.drained.wake()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -363,7 +348,7 @@ class HTTP11Protocol(asyncio.Protocol):
         cycle.body_size += len(body)
         if cycle.body_size > _READ_HIGH_WATER:
             self._pause_reading()
-        cycle.wake()
+        cycle.waiter.wake()
 
     def on_message_complete(self) -> None:
         cycle = self.incoming
@@ -371,7 +356,7 @@ class HTTP11Protocol(asyncio.Protocol):
             return
         self.incoming = None
         cycle.is_body_complete = True
-        cycle.wake()
+        cycle.waiter.wake()
 
     # request flow
     def _start(self, cycle: _Cycle) -> None:
@@ -382,7 +367,7 @@ class HTTP11Protocol(asyncio.Protocol):
         task.add_done_callback(tasks.discard)
 
     def on_response_complete(self, cycle: _Cycle) -> None:
-        cycle.wake()  # a receive() waiting for the disconnect returns now
+        cycle.waiter.wake()  # a receive() waiting for the disconnect returns now
         if cycle is not self.active:
             return
         self.active = None
@@ -430,7 +415,7 @@ class HTTP11Protocol(asyncio.Protocol):
             active.keep_alive = False  # its response goes out, then the connection closes
         else:  # the active request's own body is malformed
             active.is_disconnected = True
-            active.wake()
+            active.waiter.wake()
             self.transport.close()
 
     def checked_name(self, name: bytes) -> bytes:

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from lmserve.gateway.waiter import Waiter
+
 
 class UpstreamError(Exception):
     """The backend could not be reached or broke the response. `is_connect` marks failures where
@@ -41,6 +43,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.is_open = False
+        self.waiter = Waiter(loop)
         self._reset()
 
     def _reset(self) -> None:
@@ -52,7 +55,6 @@ class _Connection(asyncio.Protocol):
         self.is_keep_alive = False
         self.is_complete = False
         self.error: UpstreamError | None = None
-        self.waiter: asyncio.Future[None] | None = None
         self.is_paused = False
 
     # asyncio.Protocol
@@ -82,7 +84,7 @@ class _Connection(asyncio.Protocol):
         # Read here: llhttp resets its flags once the message completes.
         self.is_keep_alive = self.parser.should_keep_alive()
         self.is_head_done = True
-        self._wake()
+        self.waiter.wake()
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -90,11 +92,11 @@ class _Connection(asyncio.Protocol):
         if self.buffered > _HIGH_WATER and not self.is_paused and self.transport is not None:
             self.is_paused = True
             self.transport.pause_reading()
-        self._wake()
+        self.waiter.wake()
 
     def on_message_complete(self) -> None:
         self.is_complete = True
-        self._wake()
+        self.waiter.wake()
 
     def on_first_chunk_timeout(self) -> None:
         if not self.chunks and not self.is_complete:
@@ -107,19 +109,7 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: UpstreamError) -> None:
         if self.error is None:
             self.error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def wait(self) -> None:
-        self.waiter = self.loop.create_future()
-        try:
-            await self.waiter
-        finally:
-            self.waiter = None
+        self.waiter.wake()
 
     def take_chunk(self) -> bytes:
         chunk = self.chunks.popleft()
@@ -167,7 +157,7 @@ class UpstreamResponse:
                 return
             if conn.error is not None:
                 raise conn.error
-            await conn.wait()
+            await conn.waiter.wait()
 
     async def first_chunk(self, timeout: float) -> bytes | None:
         """The first body chunk (None for an empty body), waiting at most `timeout` seconds."""
@@ -179,7 +169,7 @@ class UpstreamResponse:
                     return None
                 if conn.error is not None:
                     raise conn.error
-                await conn.wait()
+                await conn.waiter.wait()
         finally:
             timer.cancel()
         return conn.take_chunk()
@@ -195,7 +185,7 @@ class UpstreamResponse:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             if conn.error is not None:
                 raise conn.error
-            await conn.wait()
+            await conn.waiter.wait()
 
     def release(self) -> None:
         if self._is_released:
@@ -295,7 +285,7 @@ class UpstreamPool:
             while not conn.is_head_done:
                 if conn.error is not None:
                     raise conn.error
-                await conn.wait()
+                await conn.waiter.wait()
         finally:
             timer.cancel()
 
