@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,7 +106,7 @@ def main() -> None:
         kind, upstream, db, key, per_worker = args.drive
         uvloop.run(_drive(kind, upstream, db, key, int(per_worker)))
         return
-    if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
+    if shutil.which("valgrind") is None:
         sys.exit("valgrind is missing: apt-get install valgrind")
     from benchmarks.servers import free_port, wait_http
     from lmserve.gateway.keystore import KeyStore

@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import httptools
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from lmserve.gateway.waiter import Waiter
 
@@ -218,7 +219,7 @@ class HTTP11Protocol(asyncio.Protocol):
         self.app_state = app_state
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.server: tuple[str, int] | None = None
+        self.server: tuple[str, int | None] | None = None
         self.client: tuple[str, int] | None = None
         self.scheme = "http"
         self.active: _Cycle | None = None
@@ -246,9 +247,9 @@ class HTTP11Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server_state.connections.add(self)
-        self.server = _address(transport.get_extra_info("sockname"))
-        self.client = _address(transport.get_extra_info("peername"))
-        self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+        self.server = get_local_addr(self.transport)
+        self.client = get_remote_addr(self.transport)
+        self.scheme = "https" if is_ssl(self.transport) else "http"
         self.idle_since = self.loop.time()
         self._arm_idle_timer(self.keep_alive_timeout)
 
@@ -368,9 +369,7 @@ class HTTP11Protocol(asyncio.Protocol):
 
     def on_response_complete(self, cycle: _Cycle) -> None:
         cycle.waiter.wake()  # a receive() waiting for the disconnect returns now
-        if cycle is not self.active:
-            return
-        self.active = None
+        self.active = None  # only the active request's task runs, so `cycle` is the active one
         if not cycle.keep_alive or self.is_closing or not cycle.is_body_complete:
             # Answered before its body was read (a 413, say): close rather than read the rest.
             self.transport.close()
@@ -461,8 +460,3 @@ class HTTP11Protocol(asyncio.Protocol):
             self.active.keep_alive = False
             self.pending.clear()
 
-
-def _address(info: Any) -> tuple[str, int] | None:
-    if isinstance(info, tuple) and len(info) >= 2:
-        return str(info[0]), int(info[1])
-    return None
