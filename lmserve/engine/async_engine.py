@@ -1,8 +1,10 @@
-"""Drives a synchronous `Engine` from its own thread for an asyncio application.
+"""Drives a synchronous `Engine` for an asyncio application, from a thread or from a process.
 
-The event loop never touches the engine: it puts commands (add, abort, stop) into an inbox and
-receives each step's outputs through `call_soon_threadsafe`. PyTorch releases the GIL inside its
-kernels, so the step loop and the HTTP handlers run side by side.
+The event loop never touches the engine. It sends commands (add, abort, stop) to a `StepLoop`,
+which applies them between steps and reports events back: a request added or refused, and each
+step's outputs with the engine's stats. `EngineClient` is the event-loop side: it turns the
+events into one async iterator per request. `ThreadEngine` runs the step loop on a thread of this
+process; `ProcessEngine` (lmserve.engine.engine_process) in a child process of its own.
 """
 
 from __future__ import annotations
@@ -15,13 +17,81 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmserve.engine.engine import Engine, EngineStats
+from lmserve.engine.config import EngineConfig
+from lmserve.engine.engine import Engine, EngineInfo, EngineStats
 from lmserve.engine.outputs import SequenceOutput
 from lmserve.engine.sampling_params import SamplingParams
+
+Command = tuple[Any, ...]
+"""("add", request_id, prompt_token_ids, params, options) | ("abort", request_id) |
+("stop", request_id, index)."""
+Event = tuple[Any, ...]
+"""("added", request_id, error or None) | ("step", outputs, stats, seconds) | ("stats", stats)."""
+StepHook = Callable[[EngineStats, float], None]
 
 
 class EngineDeadError(RuntimeError):
     """The step loop stopped because of an error; no request can be served any more."""
+
+
+class StepLoop:
+    """Steps an engine while it has work, applying the commands submitted between steps.
+
+    `submit` and `stop` may be called from any thread; `run` owns the engine.
+    """
+
+    def __init__(self, engine: Engine, emit: Callable[[Event], None]) -> None:
+        self.engine = engine
+        self._emit = emit
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+
+    def submit(self, command: Command) -> None:
+        self._inbox.put(command)
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def run(self) -> None:
+        """Returns after `stop()`; raises what the engine raises."""
+        engine = self.engine
+        while not self._stopping:
+            if self._apply_commands():
+                self._emit(("stats", engine.stats()))
+            if not engine.has_unfinished_requests():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            started = time.perf_counter()
+            outputs = engine.step()
+            self._emit(("step", outputs, engine.stats(), time.perf_counter() - started))
+
+    def _apply_commands(self) -> bool:
+        """Applies every queued command; True if there was any."""
+        applied = False
+        engine = self.engine
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return applied
+            applied = True
+            kind = command[0]
+            if kind == "add":
+                _, request_id, prompt, params, options = command
+                try:
+                    engine.add_request(request_id, prompt, params, **options)
+                except Exception as exc:  # handed back to the caller, who maps it to a response
+                    self._emit(("added", request_id, exc))
+                else:
+                    self._emit(("added", request_id, None))
+            elif kind == "abort":
+                engine.abort_request(command[1])
+            elif kind == "stop":
+                engine.stop_sequence(command[1], command[2])
 
 
 @dataclass
@@ -36,37 +106,37 @@ class _Request:
         return len(self.finished) == self.num_seqs
 
 
-StepHook = Callable[[EngineStats, float], None]
+class EngineClient:
+    """The event-loop side of an engine that steps elsewhere.
 
+    Invariant: `_requests` holds exactly the requests whose iterators are live; `_adding` the
+    requests sent to the engine whose admission is not known yet.
+    """
 
-class AsyncEngine:
-    """Invariant: `_requests` (event-loop side) holds exactly the requests whose iterators are live;
-    the engine thread alone calls into `engine`."""
-
-    def __init__(self, engine: Engine, on_step: StepHook | None = None) -> None:
-        self.engine = engine
-        self.on_step = on_step
-        """Called on the engine thread after every step with the stats and the step's seconds."""
-        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._requests: dict[str, _Request] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.on_step: StepHook | None = None
+        """Called on the event loop after every step with the stats and the step's seconds."""
+        self.info: EngineInfo | None = None
+        self.latest_stats: EngineStats | None = None
         self.error: BaseException | None = None
-        self.latest_stats: EngineStats = engine.stats()
+        self._requests: dict[str, _Request] = {}
+        self._adding: dict[str, asyncio.Future] = {}
 
-    # ------------------------------------------------------------------ event-loop side
+    async def start(self) -> EngineInfo:
+        """Loads the model and starts stepping; raises what loading raises."""
+        raise NotImplementedError
 
-    def start(self) -> None:
-        """Starts the step thread; call from inside the running event loop."""
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
-        self._thread.start()
+    async def shutdown(self) -> None:
+        """Stops stepping; requests still running end with `EngineDeadError`."""
+        raise NotImplementedError
 
     @property
     def is_alive(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        raise NotImplementedError
+
+    def _send(self, command: Command) -> None:
+        raise NotImplementedError
 
     @property
     def num_requests(self) -> int:
@@ -82,12 +152,15 @@ class AsyncEngine:
         """
         if self.error is not None:
             raise EngineDeadError("the engine stopped after an error") from self.error
+        if self.info is None:
+            raise RuntimeError("the engine was not started")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.engine.validate_prompt(prompt_token_ids)  # reads only constants: safe from this thread
-        added = self._event_loop().create_future()
+        prompt = self.info.limits.validate(prompt_token_ids)
+        added = asyncio.get_running_loop().create_future()
+        self._adding[request_id] = added
         self._requests[request_id] = _Request(asyncio.Queue(), params.n)
-        self._send(("add", request_id, list(prompt_token_ids), params, options, added))
+        self._send(("add", request_id, prompt, params, options))
         try:
             await added
         except BaseException:
@@ -95,6 +168,8 @@ class AsyncEngine:
             if not added.done():
                 self.abort(request_id)
             raise
+        finally:
+            self._adding.pop(request_id, None)
         return self._iterate(request_id)
 
     async def _iterate(self, request_id: str) -> AsyncIterator[SequenceOutput]:
@@ -125,87 +200,84 @@ class AsyncEngine:
             request.finished.add(index)
         self._send(("stop", request_id, index))
 
-    async def shutdown(self) -> None:
-        """Stops the step thread; requests still running end with `EngineDeadError`."""
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
-        self._fail_all(RuntimeError("the server is shutting down"))
-
-    def _send(self, command: tuple[Any, ...]) -> None:
-        self._inbox.put(command)
-        self._wake.set()
-
-    def _deliver(self, outputs: list[SequenceOutput]) -> None:
-        for out in outputs:
-            request = self._requests.get(out.request_id)
-            if request is not None:
-                request.outputs.put_nowait(out)
-
-    def _fail_all(self, error: BaseException) -> None:
-        dead = EngineDeadError(f"the engine stopped: {error}")
-        for request in self._requests.values():
-            request.outputs.put_nowait(dead)
-
-    # ------------------------------------------------------------------ engine-thread side
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            raise RuntimeError("AsyncEngine.start() was not called")
-        return self._loop
-
-    def _run(self) -> None:
-        loop = self._event_loop()
-        try:
-            while not self._stopping:
-                if self._apply_commands():
-                    self.latest_stats = self.engine.stats()
-                if not self.engine.has_unfinished_requests():
-                    self._wake.wait()
-                    self._wake.clear()
-                    continue
-                started = time.perf_counter()
-                outputs = self.engine.step()
-                self.latest_stats = self.engine.stats()
-                if self.on_step is not None:
-                    self.on_step(self.latest_stats, time.perf_counter() - started)
-                if outputs:
-                    loop.call_soon_threadsafe(self._deliver, outputs)
-        except BaseException as exc:  # the loop must report any death, not vanish silently
-            self.error = exc
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(self._fail_all, exc)
-
-    def _apply_commands(self) -> bool:
-        """Applies every queued command; True if there was any."""
-        applied = False
-        while True:
-            try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                return applied
-            applied = True
-            kind = command[0]
-            if kind == "add":
-                _, request_id, prompt, params, options, added = command
-                try:
-                    self.engine.add_request(request_id, prompt, params, **options)
-                    self._resolve(added, None)
-                except Exception as exc:  # handed back to the caller, who maps it to a response
-                    self._resolve(added, exc)
-            elif kind == "abort":
-                self.engine.abort_request(command[1])
-            elif kind == "stop":
-                self.engine.stop_sequence(command[1], command[2])
-
-    def _resolve(self, future: asyncio.Future, error: Exception | None) -> None:
-        def settle() -> None:
-            if future.done():
+    def _on_event(self, event: Event) -> None:
+        kind = event[0]
+        if kind == "step":
+            _, outputs, stats, seconds = event
+            self.latest_stats = stats
+            requests = self._requests
+            for out in outputs:
+                request = requests.get(out.request_id)
+                if request is not None:
+                    request.outputs.put_nowait(out)
+            if self.on_step is not None:
+                self.on_step(stats, seconds)
+        elif kind == "stats":
+            self.latest_stats = event[1]
+        elif kind == "added":
+            _, request_id, error = event
+            future = self._adding.get(request_id)
+            if future is None or future.done():
                 return
             if error is None:
                 future.set_result(None)
             else:
                 future.set_exception(error)
 
-        self._event_loop().call_soon_threadsafe(settle)
+    def _fail_all(self, error: BaseException) -> None:
+        dead = EngineDeadError(f"the engine stopped: {error}")
+        for request in self._requests.values():
+            request.outputs.put_nowait(dead)
+        for future in self._adding.values():
+            if not future.done():
+                future.set_exception(dead)
+
+    def _died(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self._fail_all(error)
+
+
+class ThreadEngine(EngineClient):
+    """Steps the engine on a thread of this process. PyTorch releases the GIL inside its kernels,
+    so the step loop and the HTTP handlers run side by side, but every Python line of either
+    waits for the GIL."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self._steps: StepLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> EngineInfo:
+        loop = asyncio.get_running_loop()
+        engine = await asyncio.to_thread(Engine, self.config)
+        self.info, self.latest_stats = engine.info, engine.stats()
+        self._steps = StepLoop(engine, lambda event: loop.call_soon_threadsafe(self._on_event, event))
+        self._thread = threading.Thread(target=self._run, args=(loop, self._steps), name="lmserve-engine",
+                                        daemon=True)
+        self._thread.start()
+        return self.info
+
+    @property
+    def is_alive(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    def _send(self, command: Command) -> None:
+        if self._steps is None:
+            raise RuntimeError("the engine was not started")
+        self._steps.submit(command)
+
+    def _run(self, loop: asyncio.AbstractEventLoop, steps: StepLoop) -> None:
+        try:
+            steps.run()
+        except BaseException as exc:  # the loop must report any death, not vanish silently
+            self.error = exc
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._died, exc)
+
+    async def shutdown(self) -> None:
+        if self._steps is not None:
+            self._steps.stop()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+        self._fail_all(RuntimeError("the server is shutting down"))

@@ -1,6 +1,7 @@
 """The synchronous engine: add requests, call `step()` until they finish.
 
-No HTTP and no asyncio here; the server drives `step()` from its own thread.
+No HTTP and no asyncio here; the server drives `step()` from a thread or a process of its own
+(lmserve.engine.async_engine).
 """
 
 from __future__ import annotations
@@ -68,10 +69,53 @@ class EngineStats:
     """Requests refused with EngineOverloaded."""
     tenants: dict[str, TenantStats] = field(default_factory=dict)
     """Per tenant label: the first max_tenant_labels tenants seen, the rest under "other"."""
+    device_memory_allocated: int = 0
+    """Bytes PyTorch holds on a CUDA device (0 on CPU)."""
+    device_memory_reserved: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """What a prompt must satisfy to be accepted; constants of a loaded engine, so a caller can
+    check a prompt without reaching the engine."""
+
+    max_model_len: int
+    vocab_size: int
+    kv_token_slots: int
+    """Tokens the whole KV cache holds: a prompt and its first output token must fit."""
+
+    def validate(self, prompt_token_ids: Seq[int]) -> list[int]:
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens, but max_model_len is {self.max_model_len} "
+                "(prompt and output must fit, with at least one output token)"
+            )
+        for token_id in prompt:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"token id {token_id!r} is outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt) + 1 > self.kv_token_slots:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens, more than the KV cache's {self.kv_token_slots} token slots"
+            )
+        return prompt
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a loaded engine tells the process that serves it."""
+
+    model_dir: Path
+    max_model_len: int
+    device: str
+    """torch device: cpu, cuda:0, ..."""
+    limits: PromptLimits
 
 
 class Engine:
@@ -202,23 +246,16 @@ class Engine:
             self.scheduler.add(seq)
 
     def validate_prompt(self, prompt_token_ids: Seq[int]) -> list[int]:
-        prompt = list(prompt_token_ids)
-        if not prompt:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt)} tokens, but max_model_len is {self.max_model_len} "
-                "(prompt and output must fit, with at least one output token)"
-            )
-        for token_id in prompt:
-            if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
-                raise ValueError(f"token id {token_id!r} is outside the vocabulary [0, {self.vocab_size})")
-        if self.kv_cache.num_blocks_needed(len(prompt) + 1) > self.kv_cache.num_blocks:
-            raise ValueError(
-                f"the prompt has {len(prompt)} tokens, more than the KV cache's "
-                f"{self.kv_cache.num_blocks * self.kv_cache.block_size} token slots"
-            )
-        return prompt
+        return self.limits.validate(prompt_token_ids)
+
+    @property
+    def limits(self) -> PromptLimits:
+        kv = self.kv_cache
+        return PromptLimits(self.max_model_len, self.vocab_size, kv.num_blocks * kv.block_size)
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.model_dir, self.max_model_len, str(self.runner.device), self.limits)
 
     def abort_request(self, request_id: str) -> None:
         """Ends every sequence of the request and frees what they held; unknown ids are ignored."""
@@ -314,4 +351,14 @@ class Engine:
             num_timeouts=counts.num_timeouts,
             num_rejected=counts.num_rejected,
             tenants=counts.tenant_snapshot(scheduler.live_sequences()),
+            **self._device_memory(),
         )
+
+    def _device_memory(self) -> dict[str, int]:
+        device = self.runner.device
+        if device.type != "cuda":
+            return {}
+        import torch
+
+        return {"device_memory_allocated": torch.cuda.memory_allocated(device),
+                "device_memory_reserved": torch.cuda.memory_reserved(device)}

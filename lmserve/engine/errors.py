@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 
 class EngineOverloaded(Exception):
     """The engine's queue is full: the request was not admitted and nothing else changed.
@@ -16,3 +18,7 @@ class EngineOverloaded(Exception):
         self.limit = limit
         """The setting that was exceeded: max_queued_requests or max_queued_tokens."""
         self.retry_after = retry_after
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        """Pickles with its keyword arguments (it crosses from the engine process to the server)."""
+        return partial(EngineOverloaded, limit=self.limit, retry_after=self.retry_after), (str(self),)

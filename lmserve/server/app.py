@@ -182,12 +182,9 @@ def _status(state: ServerState) -> dict[str, Any]:
             if stats.prefix_cache_queries else 0.0,
             engine_alive=state.engine.is_alive, sampling_defaults=state.sampling_defaults,
         )
-        device = state.engine.engine.runner.device
-        if device.type == "cuda":
-            import torch
-
-            info["device_memory_bytes"] = {"allocated": torch.cuda.memory_allocated(device),
-                                           "reserved": torch.cuda.memory_reserved(device)}
+        if state.engine.info is not None and state.engine.info.device.startswith("cuda"):
+            info["device_memory_bytes"] = {"allocated": stats.device_memory_allocated,
+                                           "reserved": stats.device_memory_reserved}
     return info
 
 

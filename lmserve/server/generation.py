@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from lmserve.engine.async_engine import AsyncEngine
+from lmserve.engine.async_engine import EngineClient
 from lmserve.engine.detokenizer import TextStream
 from lmserve.engine.outputs import SequenceOutput
 from lmserve.engine.sampler import TokenLogprobs
@@ -39,7 +39,7 @@ class Generation:
     """Runs `params.n` sequences of one prompt. Usage counts only tokens the client receives:
     a sequence stopped by a stop string counts up to the token that completed the match."""
 
-    engine: AsyncEngine
+    engine: EngineClient
     tokenizer: Tokenizer
     request_id: str
     prompt_token_ids: list[int]

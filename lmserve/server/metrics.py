@@ -99,19 +99,21 @@ class _EngineCollector(Collector):
 
 
 class _GPUCollector(Collector):
-    def collect(self) -> Iterator[Metric]:
-        import torch
+    def __init__(self, stats: Callable[[], EngineStats], device: str) -> None:
+        self.stats = stats
+        self.index = device.partition(":")[2] or "0"
 
+    def collect(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily("lmserve:gpu_memory_used_bytes", "GPU memory held by PyTorch.", labels=["device"])
-        for i in range(torch.cuda.device_count()):
-            gauge.add_metric([str(i)], torch.cuda.memory_allocated(i))
+        gauge.add_metric([self.index], self.stats().device_memory_allocated)
         yield gauge
 
 
 class ServerMetrics:
     """Owns a registry (no global state); request counters are updated as requests end."""
 
-    def __init__(self, model_name: str, max_model_len: int, stats: Callable[[], EngineStats], has_gpu: bool) -> None:
+    def __init__(self, model_name: str, max_model_len: int, stats: Callable[[], EngineStats], device: str,
+                 engine_pid: int | None = None) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
@@ -137,8 +139,10 @@ class ServerMetrics:
                                           labels, buckets=token_buckets(1 << 16), registry=r)
         r.register(_EngineCollector(stats, model_name))
         ProcessCollector(registry=r)
-        if has_gpu:
-            r.register(_GPUCollector())
+        if engine_pid is not None:  # the engine's own process: process_* under lmserve_engine_
+            ProcessCollector(namespace="lmserve_engine", pid=lambda: engine_pid, registry=r)
+        if device.startswith("cuda"):
+            r.register(_GPUCollector(stats, device))
         self.model_name = model_name
 
     def observe_step(self, num_tokens: int) -> None:

@@ -9,6 +9,8 @@ from lmserve.engine.config import CacheConfig, EngineConfig, ModelConfig, Schedu
 from lmserve.server.sampling_defaults import GENERATION_CONFIG_MODES
 from lmserve.settings import settings_model
 
+ENGINE_MODES = ("process", "thread")
+
 
 @dataclass
 class ServerOptions:
@@ -38,6 +40,9 @@ class ServerOptions:
     """auto: a request that omits temperature, top_p, top_k, min_p or repetition_penalty gets the value
     in the model's generation_config.json, as vLLM does (do_sample there is ignored); none: OpenAI's
     defaults (temperature 1, top_p 1, no top-k, min-p or repetition penalty). Request values always win."""
+    engine_mode: str = "process"
+    """process: the engine steps in a child process of its own; thread: on a thread beside the
+    HTTP event loop, sharing its GIL (see benchmarks/README.md for which is faster)."""
     tensor_parallel_size: int = 1
     """Devices one model is split across; only 1 is supported (scale out with replicas behind the gateway)."""
 
@@ -54,6 +59,8 @@ class ServerOptions:
             raise ValueError(f"log_level must be debug, info, warning or error; got {self.log_level!r}")
         if self.generation_config not in GENERATION_CONFIG_MODES:
             raise ValueError(f"generation_config must be auto or none, got {self.generation_config!r}")
+        if self.engine_mode not in ENGINE_MODES:
+            raise ValueError(f"engine_mode must be process or thread, got {self.engine_mode!r}")
         if self.tensor_parallel_size != 1:
             raise ValueError(
                 "tensor_parallel_size > 1 is not supported: run more replicas behind `lmserve gateway`"

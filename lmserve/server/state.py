@@ -9,12 +9,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lmserve.engine.async_engine import AsyncEngine
+from lmserve.engine.async_engine import EngineClient, ThreadEngine
 from lmserve.engine.config import EngineConfig
-from lmserve.engine.engine import Engine
 from lmserve.engine.loader import DEMO_MODEL_NAMES
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.tokenizer import Tokenizer
+from lmserve.server.engine_process import ProcessEngine
 from lmserve.server.errors import unavailable
 from lmserve.server.metrics import ServerMetrics
 from lmserve.server.sampling_defaults import read_sampling_defaults
@@ -40,7 +40,7 @@ class ServerState:
     engine_config: EngineConfig
     model_name: str
     phase: Phase = Phase.LOADING
-    engine: AsyncEngine | None = None
+    engine: EngineClient | None = None
     tokenizer: Tokenizer | None = None
     metrics: ServerMetrics | None = None
     max_model_len: int = 0
@@ -61,28 +61,30 @@ class ServerState:
         return cls(options=options, engine_config=engine_config, model_name=name)
 
     async def load(self) -> None:
-        """Loads the model off the event loop, starts the step thread, warms up, becomes READY."""
+        """Loads the model off the event loop, starts the engine stepping, warms up, becomes READY."""
+        engine: EngineClient = (ProcessEngine(self.engine_config, self.options.log_level)
+                                if self.options.engine_mode == "process" else ThreadEngine(self.engine_config))
         try:
-            engine = await asyncio.to_thread(Engine, self.engine_config)
-            tokenizer_path = self.engine_config.model.tokenizer or engine.model_dir
+            info = await engine.start()
+            tokenizer_path = self.engine_config.model.tokenizer or info.model_dir
             self.tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, tokenizer_path)
-            self.max_model_len = engine.max_model_len
+            self.max_model_len = info.max_model_len
             if self.options.generation_config == "auto":
-                self.sampling_defaults = read_sampling_defaults(engine.model_dir)
+                self.sampling_defaults = read_sampling_defaults(info.model_dir)
                 if self.sampling_defaults:
                     logger.info("sampling defaults from generation_config.json",
                                 extra={"fields": self.sampling_defaults})
-            async_engine = AsyncEngine(engine)
             metrics = ServerMetrics(
-                self.model_name, engine.max_model_len, lambda: async_engine.latest_stats,
-                has_gpu=engine.runner.device.type == "cuda",
+                self.model_name, info.max_model_len, lambda: engine.latest_stats, device=info.device,
+                engine_pid=getattr(engine, "pid", None),
             )
-            async_engine.on_step = lambda stats, _: metrics.observe_step(stats.last_step_num_tokens)
-            async_engine.start()
-            self.engine, self.metrics = async_engine, metrics
+            engine.on_step = lambda stats, _: metrics.observe_step(stats.last_step_num_tokens)
+            self.engine, self.metrics = engine, metrics
             if self.options.warmup:
                 await self._warmup()
         except Exception as exc:  # reported in /v1/status and the log; the process then exits
+            if engine.info is not None:
+                await engine.shutdown()
             self.load_error = " ".join(f"{type(exc).__name__}: {exc}".split())
             self.phase = Phase.FAILED
             logger.error("model failed to load: %s", self.load_error)
@@ -101,7 +103,7 @@ class ServerState:
         async for _ in await self.engine.generate("warmup", prompt, params):
             pass
 
-    def require_ready(self) -> tuple[AsyncEngine, Tokenizer]:
+    def require_ready(self) -> tuple[EngineClient, Tokenizer]:
         """Engine and tokenizer, or a 503 when the server is loading, draining or its engine died."""
         if self.phase is Phase.DRAINING:
             raise unavailable("the server is shutting down")

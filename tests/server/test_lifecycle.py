@@ -3,6 +3,7 @@
 import asyncio
 import datetime
 import json
+import os
 import signal
 import socket
 import threading
@@ -147,8 +148,20 @@ def test_tls(start_server, tmp_path):
         httpx.get(server.url.replace("https", "http") + "/health")  # plain HTTP is not answered as HTTP
 
 
-def test_probes_while_loading_and_after_the_engine_died(tiny_llama):
-    options = ServerOptions(warmup=False)
+def break_thread_engine(state: ServerState) -> None:
+    def broken_step():
+        raise RuntimeError("simulated device failure")
+
+    state.engine._steps.engine.step = broken_step
+
+
+def kill_engine_process(state: ServerState) -> None:
+    os.kill(state.engine.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("mode, break_engine", [("thread", break_thread_engine), ("process", kill_engine_process)])
+def test_probes_while_loading_and_after_the_engine_died(tiny_llama, mode, break_engine):
+    options = ServerOptions(warmup=False, engine_mode=mode)
     config = EngineConfig.from_kwargs(model=str(tiny_llama), num_blocks=64)
     state = ServerState.create(options, config)
     app = create_app(state)
@@ -166,10 +179,14 @@ def test_probes_while_loading_and_after_the_engine_died(tiny_llama):
             assert (await http.get("/ready")).status_code == 200
             assert (await http.post("/v1/completions", json=payload)).status_code == 200
 
-            def broken_step():
-                raise RuntimeError("simulated device failure")
-
-            state.engine.engine.step = broken_step
+            in_flight = asyncio.create_task(http.post("/v1/completions", json={**LONG, "model": state.model_name}))
+            for _ in range(3000):
+                if state.engine.latest_stats.num_running or in_flight.done():
+                    break
+                await asyncio.sleep(0.01)
+            break_engine(state)
+            cut = await asyncio.wait_for(in_flight, 30)
+            assert cut.status_code == 503 and "engine" in cut.json()["error"]["message"]
             failed = await http.post("/v1/completions", json=payload)
             assert failed.status_code == 503 and "engine stopped" in failed.json()["error"]["message"]
             assert (await http.get("/health")).status_code == 503
