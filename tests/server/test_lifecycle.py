@@ -116,6 +116,50 @@ def test_drain_timeout_cuts_what_is_left_and_exits_zero(start_server):
     assert server.popen.wait(20) == 0
 
 
+def engine_child(server) -> int:
+    """The pid of the server's engine process (its one child)."""
+    pid = server.popen.pid
+    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    assert len(children) == 1, children
+    cmdline = open(f"/proc/{children[0]}/cmdline").read()
+    assert "lmserve.server.engine_process" in cmdline, cmdline
+    return int(children[0])
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+def test_ctrl_c_reaches_both_processes_and_the_server_still_drains(start_server):
+    """A terminal's Ctrl-C signals the whole process group: the engine process ignores it and
+    finishes what the draining server still has in flight."""
+    server = start_server("--drain-timeout", "60")
+    engine = engine_child(server)
+    client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    thread, result = run_in_thread(lambda: client.completions.create(
+        model=MODEL_NAME, prompt="Drain", max_tokens=300, temperature=0, extra_body={"ignore_eos": True}))
+    assert wait_until(lambda: running(server) == 1, 10.0)
+    for pid in (server.popen.pid, engine):
+        os.kill(pid, signal.SIGINT)
+    thread.join(60)
+    assert "error" not in result, result
+    assert result["value"].usage.completion_tokens == 300
+    assert server.popen.wait(20) == 0
+    assert wait_until(lambda: gone(engine), 10.0)
+
+
+def test_the_engine_process_never_outlives_its_server(start_server):
+    server = start_server()
+    engine = engine_child(server)
+    server.popen.kill()
+    server.popen.wait(10)
+    assert wait_until(lambda: gone(engine), 10.0)
+
+
 def self_signed(tmp_path):
     import ipaddress
 

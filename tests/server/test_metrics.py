@@ -25,6 +25,8 @@ EXPECTED = {
     "lmserve:iteration_tokens_total": "histogram",
     "process_cpu_seconds": "counter",
     "process_resident_memory_bytes": "gauge",
+    "lmserve_engine_process_cpu_seconds": "counter",
+    "lmserve_engine_process_resident_memory_bytes": "gauge",
 }
 
 
@@ -56,3 +58,6 @@ def test_names_types_and_counts(server):
     assert sample(after, "lmserve:inter_token_latency_seconds", "_count") >= 6
     assert sample(after, "lmserve:iteration_tokens_total", "_sum") > sample(before, "lmserve:iteration_tokens_total", "_sum")
     assert sample(after, "lmserve:num_requests_running", "") == 0
+    # The engine process (the server's child) is scraped too.
+    engine_rss = sample(after, "lmserve_engine_process_resident_memory_bytes")
+    assert engine_rss > 0 and sample(after, "lmserve_engine_process_cpu_seconds", "_total") > 0
