@@ -7,7 +7,8 @@ One invocation, on this machine, one engine at a time:
 
 1. lmserve offline: W1 through `LLM.generate` (engine_runners/lmserve_runner.py, the protocol of
    engine_throughput.py with one W1 run): the engine's throughput with no HTTP in the way;
-2. `lmserve serve`, then `vllm serve`, each started on a free 127.0.0.1 port with the engine settings
+2. `lmserve serve`, the same with its engine on a thread (`--engine-mode thread`), then `vllm serve`,
+   each started on a free 127.0.0.1 port with the engine settings
    of engine_throughput.py (float32, prefix caching off, max_num_seqs 256, max_num_batched_tokens
    4096, 2 GiB of KV cache for vLLM; `--lmserve-llm` / `--vllm-llm` change them). Once it is ready:
    an untimed warm-up (16 requests of 16 tokens), then W1 sent by lmserve's load generator
@@ -64,7 +65,9 @@ from lmserve.bench.report import Summary, render, summarize
 from lmserve.bench.runner import LoadShape, RunResult, run
 from lmserve.bench.workload import RequestSpec
 
-ENGINES = ("lmserve", "vllm")
+ENGINES = ("lmserve", "lmserve-thread", "vllm")
+"""lmserve: `lmserve serve` as shipped (engine in a process of its own); lmserve-thread: the same with
+`--engine-mode thread` (engine on a thread beside the event loop), to measure one against the other."""
 DEFAULT_RATE = 3.0
 """Poisson arrivals per second, meant as about 70% of lmserve serve's W1 requests/s all at once: on a
 shared machine that run used 60 CPU seconds for W1, i.e. about 4.3 requests/s on 2 free cores."""
@@ -98,9 +101,11 @@ class ServerCommand:
 
 def server_command(engine: str, args: argparse.Namespace, model_dir: Path, port: int) -> ServerCommand:
     common = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", MODEL_NAME]
-    if engine == "lmserve":
+    if engine.startswith("lmserve"):
         python = engine_python("lmserve", args)
         argv = [str(python), "-m", "lmserve.cli", "serve", str(model_dir), *common, "--log-level", "warning"]
+        if engine == "lmserve-thread":
+            argv += ["--engine-mode", "thread"]
         return ServerCommand(argv + serve_flags(lmserve_settings(args)), {}, port, "/ready")
     kwargs, env = vllm_settings(args)
     # The server's AsyncLLM runs its engine core in a process of its own whatever the environment;
@@ -150,7 +155,7 @@ def describe_server(engine: str, command: ServerCommand) -> str:
     port = shown.index("--port")
     shown[port + 1] = "PORT"
     env = describe_env(command.env)
-    version = f"lmserve {lmserve.__version__}" if engine == "lmserve" else " ".join(VLLM_VENV.requirements)
+    version = f"lmserve {lmserve.__version__}" if engine.startswith("lmserve") else " ".join(VLLM_VENV.requirements)
     return f"- **{TITLES[engine]}** ({version}): `{(env + ' ') if env else ''}{' '.join(shown)}`"
 
 

@@ -2,6 +2,7 @@
 
 import httpx
 import pytest
+from openai import OpenAI
 
 from lmserve.engine.tokenizer import Tokenizer
 from tests.server.conftest import MODEL_NAME
@@ -136,3 +137,20 @@ def test_echo_with_logprobs_lists_prompt_tokens_first(client, tokenizer):
     assert chunks[0].choices[0].text == prompt
     assert chunks[0].choices[0].logprobs.token_logprobs[1:] == choice.logprobs.token_logprobs[1:num_prompt]
     assert "".join(c.choices[0].text for c in chunks) == choice.text
+
+
+def test_engine_thread_mode_gives_the_same_answers(client, start_server):
+    """`--engine-mode thread` steps the engine on a thread beside the event loop instead of in a child
+    process; what a client gets must not depend on it."""
+    threaded = start_server("--engine-mode", "thread")
+    pid = threaded.popen.pid
+    assert open(f"/proc/{pid}/task/{pid}/children").read().split() == []  # no engine process
+    other = OpenAI(base_url=threaded.url + "/v1", api_key="unused", max_retries=0)
+    kwargs = dict(model=MODEL_NAME, prompt="Both ways", max_tokens=12, temperature=0.8, seed=5, n=2, logprobs=2,
+                  extra_body={"ignore_eos": True})
+    ours, theirs = client.completions.create(**kwargs), other.completions.create(**kwargs)
+    assert [c.text for c in ours.choices] == [c.text for c in theirs.choices]
+    assert [c.logprobs.tokens for c in ours.choices] == [c.logprobs.tokens for c in theirs.choices]
+    assert ours.usage == theirs.usage
+    streamed = list(other.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert streamed[-1].usage.completion_tokens == 24
