@@ -59,7 +59,7 @@ from benchmarks.engine_throughput import (
 )
 from benchmarks.results import machine_line, write_section
 from benchmarks.servers import free_port, stop_group, wait_http
-from benchmarks.serving_report import TITLES, Runs, build_report
+from benchmarks.serving_report import TITLES, Runs, build_report, median_runs
 from lmserve.bench.client import Target
 from lmserve.bench.report import Summary, render, summarize
 from lmserve.bench.runner import LoadShape, RunResult, run
@@ -194,6 +194,7 @@ def measure_server(
     """Starts the engine's server, warms it up, sends W1 in each load shape; returns results by shape."""
     warmup, w1 = as_specs(workloads["warmup"]), as_specs(workloads["w1"])
     shapes = {"full": LoadShape(concurrency=len(w1)), "poisson": LoadShape(len(w1), args.rate, args.seed)}
+    run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / f"{engine}-server.log"
     print(f"[{engine}] starting the server; log {log_path}", flush=True)
     results = {}
@@ -259,10 +260,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Poisson arrival rate in requests/s, the same for every server",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="start every server this many times, in turn (median reported, with each repeat's ratios)",
+    )
     add_engine_config_args(parser)
     args = parser.parse_args(argv)
     if args.rate <= 0:
         parser.error("--rate must be > 0")
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
     return args
 
 
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = CACHE_DIR / "runs" / f"serving-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     run_dir.mkdir(parents=True)
 
-    runs: Runs = {}
+    repeats: list[Runs] = []
     offline, servers, failures = None, [], {}
     if "lmserve" in args.engines and not args.no_offline:
         try:
@@ -284,14 +293,24 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             failures["lmserve offline"] = str(exc)
             print(f"[lmserve offline] FAILED: {exc}", flush=True)
-    for engine in args.engines:
-        server = server_command(engine, args, model_dir, free_port())
-        servers.append(describe_server(engine, server))
-        try:
-            runs[engine] = measure_server(engine, server, workloads, args, run_dir)
-        except RuntimeError as exc:
-            failures[engine] = str(exc)
-            print(f"[{engine}] FAILED: {exc}", flush=True)
+    commands = {engine: server_command(engine, args, model_dir, free_port()) for engine in args.engines}
+    servers = [describe_server(engine, command) for engine, command in commands.items()]
+    for repeat in range(args.repeat):
+        runs: Runs = {}
+        for engine, server in commands.items():
+            if engine in failures:
+                continue
+            port = free_port()
+            argv = list(server.argv)
+            argv[argv.index("--port") + 1] = str(port)
+            server = dataclasses.replace(server, argv=argv, port=port)
+            try:
+                runs[engine] = measure_server(engine, server, workloads, args, run_dir / f"repeat-{repeat}")
+            except RuntimeError as exc:
+                failures[engine] = str(exc)
+                print(f"[{engine}] FAILED: {exc}", flush=True)
+        repeats.append(runs)
+    runs = median_runs(repeats)
 
     w1 = workloads["w1"]
     data = {
@@ -306,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "offline": offline,
         "runs": runs,
+        "repeats": repeats,
         "servers": servers,
         "failures": failures,
     }
@@ -315,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{datetime.date.today().isoformat()} on {machine_line()}\n\n{report}")
     print(f"run files in {run_dir}")
 
-    num_invalid = sum(len(r["invalid"]) for by in runs.values() for r in by.values())
+    num_invalid = sum(len(r["invalid"]) for each in repeats for by in each.values() for r in by.values())
     complete = (
         set(runs) == set(ENGINES) and offline is not None and not args.quick and args.w1_requests == 128
     )

