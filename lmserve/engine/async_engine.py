@@ -26,7 +26,8 @@ Command = tuple[Any, ...]
 """("add", request_id, prompt_token_ids, params, options) | ("abort", request_id) |
 ("stop", request_id, index)."""
 Event = tuple[Any, ...]
-"""("added", request_id, error or None) | ("step", outputs, stats, seconds) | ("stats", stats)."""
+"""("added", request_id, error or None) | ("step", outputs, stats, seconds) | ("stats", stats) |
+("died", error): the step loop stopped on an error."""
 StepHook = Callable[[EngineStats, float], None]
 
 
@@ -120,6 +121,8 @@ class EngineClient:
         self.info: EngineInfo | None = None
         self.latest_stats: EngineStats | None = None
         self.error: BaseException | None = None
+        self.pid: int | None = None
+        """The engine's process when it is not this one."""
         self._requests: dict[str, _Request] = {}
         self._adding: dict[str, asyncio.Future] = {}
 
@@ -223,6 +226,8 @@ class EngineClient:
                 future.set_result(None)
             else:
                 future.set_exception(error)
+        elif kind == "died":
+            self._died(event[1])
 
     def _fail_all(self, error: BaseException) -> None:
         dead = EngineDeadError(f"the engine stopped: {error}")
@@ -271,9 +276,9 @@ class ThreadEngine(EngineClient):
         try:
             steps.run()
         except BaseException as exc:  # the loop must report any death, not vanish silently
-            self.error = exc
+            self.error = exc  # at once, for is_alive; the event fails the requests on the loop
             if not loop.is_closed():
-                loop.call_soon_threadsafe(self._died, exc)
+                loop.call_soon_threadsafe(self._on_event, ("died", exc))
 
     async def shutdown(self) -> None:
         if self._steps is not None:

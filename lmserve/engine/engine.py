@@ -148,6 +148,7 @@ class Engine:
         if loaded.device.type == "cpu":
             tune_malloc()
         self.runner = ModelRunner(loaded, num_blocks, cache.block_size, sampler, backend, num_cpu_blocks)
+        self.limits = PromptLimits(self.max_model_len, self.vocab_size, num_blocks * cache.block_size)
         self._requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self._num_steps = 0
@@ -247,11 +248,6 @@ class Engine:
 
     def validate_prompt(self, prompt_token_ids: Seq[int]) -> list[int]:
         return self.limits.validate(prompt_token_ids)
-
-    @property
-    def limits(self) -> PromptLimits:
-        kv = self.kv_cache
-        return PromptLimits(self.max_model_len, self.vocab_size, kv.num_blocks * kv.block_size)
 
     @property
     def info(self) -> EngineInfo:

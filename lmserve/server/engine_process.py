@@ -27,6 +27,7 @@ from typing import Any
 from lmserve.engine.async_engine import Command, EngineClient, EngineDeadError, Event, StepLoop
 from lmserve.engine.config import EngineConfig
 from lmserve.engine.engine import Engine, EngineInfo
+from lmserve.server.logs import configure_logging
 
 logger = logging.getLogger("lmserve.server")
 
@@ -41,7 +42,6 @@ class ProcessEngine(EngineClient):
     def __init__(self, config: EngineConfig, log_level: str = "info") -> None:
         super().__init__(config)
         self.log_level = log_level
-        self.pid: int | None = None
         self._process: subprocess.Popen | None = None
         self._commands: Connection | None = None
         self._events: Connection | None = None
@@ -94,10 +94,7 @@ class ProcessEngine(EngineClient):
         try:
             while events.poll():
                 for event in events.recv():
-                    if event[0] == "died":
-                        self._died(event[1])
-                    else:
-                        self._on_event(event)
+                    self._on_event(event)
         except (EOFError, OSError) as exc:
             self._lost(exc)
 
@@ -156,8 +153,6 @@ def _portable(exc: BaseException) -> BaseException:
 
 def _child(commands: Connection, events: Connection) -> int:
     config, log_level = commands.recv()
-    from lmserve.server.logs import configure_logging
-
     configure_logging(log_level)
     try:
         engine = Engine(config)

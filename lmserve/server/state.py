@@ -76,7 +76,7 @@ class ServerState:
                                 extra={"fields": self.sampling_defaults})
             metrics = ServerMetrics(
                 self.model_name, info.max_model_len, lambda: engine.latest_stats, device=info.device,
-                engine_pid=getattr(engine, "pid", None),
+                engine_pid=engine.pid,
             )
             engine.on_step = lambda stats, _: metrics.observe_step(stats.last_step_num_tokens)
             self.engine, self.metrics = engine, metrics
