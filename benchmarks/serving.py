@@ -293,17 +293,13 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             failures["lmserve offline"] = str(exc)
             print(f"[lmserve offline] FAILED: {exc}", flush=True)
-    commands = {engine: server_command(engine, args, model_dir, free_port()) for engine in args.engines}
-    servers = [describe_server(engine, command) for engine, command in commands.items()]
+    servers = [describe_server(engine, server_command(engine, args, model_dir, 0)) for engine in args.engines]
     for repeat in range(args.repeat):
         runs: Runs = {}
-        for engine, server in commands.items():
+        for engine in args.engines:
             if engine in failures:
                 continue
-            port = free_port()
-            argv = list(server.argv)
-            argv[argv.index("--port") + 1] = str(port)
-            server = dataclasses.replace(server, argv=argv, port=port)
+            server = server_command(engine, args, model_dir, free_port())
             try:
                 runs[engine] = measure_server(engine, server, workloads, args, run_dir / f"repeat-{repeat}")
             except RuntimeError as exc:
