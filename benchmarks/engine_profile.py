@@ -92,7 +92,7 @@ def main() -> None:
     totals: dict[str, float] = defaultdict(float)
     timed(totals, "linear layers (matrix multiplies)", PackedLinear, "forward")
     timed(totals, "decode attention", CPUAttentionBackend, "_decode")
-    timed(totals, "prefill attention", CPUAttentionBackend, "_prefill")
+    timed(totals, "prefill attention", CPUAttentionBackend, "_prefills")
     timed(totals, "KV cache writes", CPUAttentionBackend, "_write")
     timed(totals, "model forward", LlamaForCausalLM, "forward")
     timed(totals, "model forward", LlamaForCausalLM, "compute_logits")

@@ -25,7 +25,7 @@ import torch
 
 logger = logging.getLogger("lmserve.engine")
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "paged_attention_cpu.cpp", CSRC / "cpu_ops.cpp"]
+SOURCES = [CSRC / "paged_attention_cpu.cpp", CSRC / "prefill_attention_cpu.cpp", CSRC / "cpu_ops.cpp"]
 # -fopenmp: at::parallel_for only runs on several threads in code compiled with OpenMP.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 

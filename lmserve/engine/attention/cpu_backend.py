@@ -1,5 +1,7 @@
-"""Paged attention for CPUs: decode slices run in a small C++ kernel that reads keys and values
-straight from their blocks (no gathered copy, no padding); prefill is PyTorch's (flash) SDPA.
+"""Paged attention for CPUs: C++ kernels that read keys and values straight from their blocks (no
+gathered copy, no padding, no mask tensor): one for decode slices, one for every prefill slice of
+a step (flash attention; chunked prefills included). Shapes the prefill kernel does not handle
+(block sizes other than 16, unusual head sizes) use PyTorch's SDPA per slice.
 
 Cache layout per layer: `[2, num_kv_heads, num_blocks, block_size * head_dim]`, key blocks stored
 transposed (see ../csrc/paged_attention_cpu.cpp). Only the block axis matters to code outside the
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lmserve.engine.attention.base import Attention
+from lmserve.engine.attention.base import Attention, SequenceSlice
 from lmserve.engine.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
 from lmserve.engine.kernels import load_kernels, zeros_on_huge_pages
 
@@ -34,6 +36,50 @@ class CPUAttentionBackend(TorchAttentionBackend):
     ) -> list[torch.Tensor]:
         shape = (2, num_kv_heads, num_blocks, block_size * head_dim)
         return [zeros_on_huge_pages(shape, dtype) for _ in range(num_layers)]
+
+    def build_metadata(
+        self, slices: list[SequenceSlice], slot_mapping: torch.Tensor, device: torch.device
+    ) -> TorchAttentionMetadata:
+        metadata = super().build_metadata(slices, slot_mapping, device)
+        prefills = metadata.prefills
+        if prefills:
+            first = prefills[0].query_start
+            width = max(len(s.block_ids) for s in prefills)
+            metadata.prefill_layout = torch.tensor(
+                [(s.query_start - first, s.query_len, s.context_len) for s in prefills], dtype=torch.long
+            )
+            metadata.prefill_block_tables = torch.tensor(
+                [s.block_ids + [0] * (width - len(s.block_ids)) for s in prefills], dtype=torch.long
+            )
+        return metadata
+
+    def _prefills(
+        self,
+        layer: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: TorchAttentionMetadata,
+        output: torch.Tensor,
+    ) -> None:
+        if (
+            metadata.prefill_layout is None
+            or metadata.prefill_block_tables is None
+            or not self.kernels.prefill_attention_supports(layer.head_dim, self.block_size)
+        ):
+            super()._prefills(layer, query, key, value, kv_cache, metadata, output)
+            return
+        nd = metadata.num_decodes
+        self.kernels.paged_prefill_attention(
+            query[nd:].view(-1, layer.num_heads, layer.head_dim),
+            kv_cache,
+            metadata.prefill_layout,
+            metadata.prefill_block_tables,
+            layer.scale,
+            layer.sliding_window or 0,
+            output[nd:],
+        )
 
     def _write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
         self.kernels.write_kv(key, value, kv_cache, slots)

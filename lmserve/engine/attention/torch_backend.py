@@ -26,6 +26,11 @@ class TorchAttentionMetadata:
     decode_context_lens: torch.Tensor | None
     prefills: list[SequenceSlice]
     prefill_block_ids: list[torch.Tensor]
+    prefill_layout: torch.Tensor | None = None
+    """Backends that attend every prefill slice in one call: [P, 3] (first row after the decodes,
+    rows, context length) per slice."""
+    prefill_block_tables: torch.Tensor | None = None
+    """[P, width], each slice's block ids padded with 0."""
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -138,10 +143,24 @@ class TorchAttentionBackend:
         nd = metadata.num_decodes
         if nd:
             output[:nd] = self._decode(layer, query[:nd], kv_cache, metadata)
+        if metadata.prefills:
+            self._prefills(layer, query, key, value, kv_cache, metadata, output)
+        return output
+
+    def _prefills(
+        self,
+        layer: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: TorchAttentionMetadata,
+        output: torch.Tensor,
+    ) -> None:
+        """Fills the prefill rows of `output` (after the decodes), one slice at a time."""
         for i, s in enumerate(metadata.prefills):
             rows = slice(s.query_start, s.query_start + s.query_len)
             output[rows] = self._prefill(layer, i, query[rows], key[rows], value[rows], kv_cache, metadata)
-        return output
 
     def _write(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
         """Stores each token's key and value [T, Hkv, D] in its cache slot."""

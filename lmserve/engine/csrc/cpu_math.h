@@ -28,4 +28,25 @@ inline float exp_f32(float x) {
   return p * scale;
 }
 
+// A vector of 16 floats (one row of a 16-token cache block), as a GCC vector extension: the
+// compiler lowers it to what the target has (one AVX-512 register, two AVX2 registers, ...).
+constexpr int64_t kVec = 16;
+typedef float vfloat __attribute__((vector_size(kVec * sizeof(float))));
+
+template <typename T>
+inline vfloat load16(const T* p) {
+  float tmp[kVec];
+  for (int64_t j = 0; j < kVec; ++j) tmp[j] = static_cast<float>(p[j]);
+  vfloat v;
+  std::memcpy(&v, tmp, sizeof(v));
+  return v;
+}
+
+template <>
+inline vfloat load16<float>(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 }  // namespace lmserve

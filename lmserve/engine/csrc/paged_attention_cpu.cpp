@@ -25,6 +25,13 @@ namespace {
 template <typename T>
 inline float to_float(T value) { return static_cast<float>(value); }
 
+// Asks for the `count` values from `p` on to be brought into the cache, a 64-byte line at a time.
+template <typename T>
+inline void prefetch(const T* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < count * static_cast<int64_t>(sizeof(T)); i += 64) __builtin_prefetch(c + i);
+}
+
 struct Shape {
   int64_t num_blocks, block_size, head_dim, group;
 };
@@ -94,60 +101,67 @@ void decode_task(const float* __restrict__ q, const T* __restrict__ key_cache, c
   }
 }
 
-// The same computation for the common shapes, with block size, head size and group size known at
-// compile time: each key row and value row is loaded once for all heads of the group, and the
-// accumulators stay in registers. Each head sees the same operations in the same order as in
-// decode_task.
-template <typename T, int64_t BS, int64_t DIM, int64_t GROUP>
+// The same computation for the common shapes (block size 16, head size and group size known at
+// compile time) in vectors of 16 floats: each key row and value row is loaded once for all heads
+// of the group, and the accumulators stay in registers. Each head sees the same operations in the
+// same order as in decode_task.
+template <typename T, int64_t DIM, int64_t GROUP>
 void decode_task_fixed(const float* __restrict__ q, const T* __restrict__ key_cache,
                        const T* __restrict__ value_cache, const int64_t* __restrict__ table, int64_t context_len,
                        int64_t window, const Shape& s, int64_t kv_head, float* __restrict__ scores,
                        T* __restrict__ out) {
-  constexpr int64_t block_elems = BS * DIM;
+  using lmserve::kVec;
+  using lmserve::vfloat;
+  constexpr int64_t block_elems = kVec * DIM;
+  constexpr int64_t kVecs = DIM / kVec;  // vectors per value row
+  constexpr int64_t kHeads = std::min<int64_t>(GROUP, std::max<int64_t>(1, 16 / kVecs));  // heads per value pass
+  static_assert(GROUP % kHeads == 0, "value passes must cover the group");
   const int64_t start = window > 0 ? std::max<int64_t>(0, context_len - window) : 0;
-  const int64_t first_block = start / BS, last_block = (context_len - 1) / BS;
-  const int64_t span = (last_block - first_block + 1) * BS;
+  const int64_t first_block = start / kVec, last_block = (context_len - 1) / kVec;
+  const int64_t span = (last_block - first_block + 1) * kVec;
   const T* k_head = key_cache + kv_head * s.num_blocks * block_elems;
   const T* v_head = value_cache + kv_head * s.num_blocks * block_elems;
 
   for (int64_t b = first_block; b <= last_block; ++b) {
-    const T* kt = k_head + table[b] * block_elems;  // [DIM][BS]
-    float block_scores[GROUP][BS] = {};
+    const T* kt = k_head + table[b] * block_elems;  // [DIM][16]
+    // Blocks are scattered and the hardware prefetchers stop at each one's end: the next key block
+    // (after the last, the first value block) is asked for a row at a time while this one is scored.
+    const char* next = reinterpret_cast<const char*>(
+        b < last_block ? k_head + table[b + 1] * block_elems : v_head + table[first_block] * block_elems);
+    vfloat block_scores[GROUP] = {};
     for (int64_t d = 0; d < DIM; ++d) {
-      const T* row = kt + d * BS;
-      float krow[BS];
-#pragma omp simd
-      for (int64_t j = 0; j < BS; ++j) krow[j] = to_float(row[j]);
+      __builtin_prefetch(next + d * kVec * sizeof(T));
+      const vfloat krow = lmserve::load16(kt + d * kVec);
 #pragma GCC unroll 8
-      for (int64_t g = 0; g < GROUP; ++g) {
-        const float qd = q[g * DIM + d];
-#pragma omp simd
-        for (int64_t j = 0; j < BS; ++j) block_scores[g][j] += qd * krow[j];
-      }
+      for (int64_t g = 0; g < GROUP; ++g) block_scores[g] += q[g * DIM + d] * krow;
     }
     for (int64_t g = 0; g < GROUP; ++g) {
-      std::memcpy(scores + g * span + (b - first_block) * BS, block_scores[g], sizeof(block_scores[g]));
+      std::memcpy(scores + g * span + (b - first_block) * kVec, &block_scores[g], sizeof(vfloat));
     }
   }
-  const int64_t lo = start - first_block * BS, hi = context_len - first_block * BS;
+  const int64_t lo = start - first_block * kVec, hi = context_len - first_block * kVec;
   float total[GROUP];
   softmax(scores, GROUP, span, lo, hi, total);
-  float acc[GROUP][DIM] = {};
-  for (int64_t pos = lo; pos < hi; ++pos) {
-    const T* v = v_head + table[first_block + pos / BS] * block_elems + (pos % BS) * DIM;
-    float vrow[DIM];
-#pragma omp simd
-    for (int64_t d = 0; d < DIM; ++d) vrow[d] = to_float(v[d]);
+  for (int64_t g0 = 0; g0 < GROUP; g0 += kHeads) {
+    vfloat acc[kHeads][kVecs] = {};
+    for (int64_t pos = lo; pos < hi; ++pos) {
+      const int64_t b = first_block + pos / kVec;
+      if (b < last_block) prefetch(v_head + table[b + 1] * block_elems + (pos % kVec) * DIM, DIM);
+      const T* v = v_head + table[b] * block_elems + (pos % kVec) * DIM;
+      vfloat vrow[kVecs];
+      for (int64_t i = 0; i < kVecs; ++i) vrow[i] = lmserve::load16(v + i * kVec);
 #pragma GCC unroll 8
-    for (int64_t g = 0; g < GROUP; ++g) {
-      const float weight = scores[g * span + pos];
-#pragma omp simd
-      for (int64_t d = 0; d < DIM; ++d) acc[g][d] += weight * vrow[d];
+      for (int64_t g = 0; g < kHeads; ++g) {
+        const float weight = scores[(g0 + g) * span + pos];
+        for (int64_t i = 0; i < kVecs; ++i) acc[g][i] += weight * vrow[i];
+      }
     }
-  }
-  for (int64_t g = 0; g < GROUP; ++g) {
-    const float inv = 1.f / total[g];
-    for (int64_t d = 0; d < DIM; ++d) out[g * DIM + d] = static_cast<T>(acc[g][d] * inv);
+    for (int64_t g = 0; g < kHeads; ++g) {
+      const float inv = 1.f / total[g0 + g];
+      alignas(64) float values[DIM];
+      std::memcpy(values, acc[g], sizeof(values));
+      for (int64_t d = 0; d < DIM; ++d) out[(g0 + g) * DIM + d] = static_cast<T>(values[d] * inv);
+    }
   }
 }
 
@@ -157,7 +171,7 @@ void run_task(const float* q, const T* kc, const T* vc, const int64_t* table, in
               const Shape& s, int64_t h, float* scores, float* acc, T* out) {
 #define LMSERVE_FIXED(DIM, GROUP)                                                                      \
   if (s.head_dim == DIM && s.group == GROUP) {                                                         \
-    return decode_task_fixed<T, 16, DIM, GROUP>(q, kc, vc, table, context_len, window, s, h, scores, out); \
+    return decode_task_fixed<T, DIM, GROUP>(q, kc, vc, table, context_len, window, s, h, scores, out); \
   }
   if (s.block_size == 16) {
     LMSERVE_FIXED(64, 1) LMSERVE_FIXED(64, 2) LMSERVE_FIXED(64, 4) LMSERVE_FIXED(64, 8)
@@ -280,6 +294,11 @@ std::vector<torch::Tensor> gather_kv(torch::Tensor cache, torch::Tensor block_id
   return {keys, values};
 }
 
+// Defined in prefill_attention_cpu.cpp.
+bool prefill_attention_supports(int64_t head_dim, int64_t block_size);
+void paged_prefill_attention(torch::Tensor query, torch::Tensor cache, torch::Tensor layout,
+                             torch::Tensor block_tables, double scale, int64_t window, torch::Tensor out);
+
 // Defined in cpu_ops.cpp.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
@@ -289,6 +308,8 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor query, torch::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "Decode attention over a paged KV cache (CPU)");
+  m.def("paged_prefill_attention", &paged_prefill_attention, "Prefill attention over a paged KV cache (CPU)");
+  m.def("prefill_attention_supports", &prefill_attention_supports, "Head size and block size the prefill kernel handles");
   m.def("write_kv", &write_kv, "Write keys and values into their cache slots (CPU)");
   m.def("gather_kv", &gather_kv, "Contiguous keys and values of one sequence (CPU)");
   m.def("rms_norm", &rms_norm, "RMS norm of each row (CPU)");

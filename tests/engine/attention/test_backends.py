@@ -7,16 +7,22 @@ from lmserve.engine.attention import Attention, ForwardContext, SequenceSlice
 from lmserve.engine.attention.cpu_backend import CPUAttentionBackend
 from lmserve.engine.attention.torch_backend import TorchAttentionBackend
 
+# (query heads, KV heads, head size): the kernels' head sizes with 1 to 8 query heads per KV head
+# (decode has no fixed-shape version for 32).
+HEADS = [(8, 2, 32), (4, 4, 64), (8, 2, 64), (16, 2, 128)]
+
 
 @pytest.mark.parametrize("block_size", [16, 5])
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_backend_matches_torch_backend(block_size, window, dtype):
+@pytest.mark.parametrize("heads", HEADS, ids=[f"h{h}-kv{kv}-d{d}" for h, kv, d in HEADS])
+def test_cpu_backend_matches_torch_backend(block_size, window, dtype, heads):
     gen = torch.Generator().manual_seed(block_size * 10 + (window or 0))
-    h, hkv, d = 8, 2, 32
+    h, hkv, d = heads
     layer = Attention(0, h, hkv, d, d**-0.5, window)
-    # Decodes first (one query token each), then prefill chunks with and without cached context.
-    shapes = [(1, 1), (1, 17), (1, 40), (9, 9), (6, 30)]
+    # Decodes first (one query token each), then prefill chunks with and without cached context:
+    # prompts and chunks of several blocks, and tiles that end inside a block.
+    shapes = [(1, 1), (1, 17), (1, 40), (9, 9), (6, 30), (37, 37), (21, 70)]
     num_blocks, slices, offset, next_block = 64, [], 0, 0
     for query_len, context_len in shapes:
         blocks = -(-context_len // block_size)
