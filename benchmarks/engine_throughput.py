@@ -111,8 +111,10 @@ def make_requests(seed: int, num_requests: int) -> tuple[list[list[int]], list[i
     return prompts, output_lens
 
 
-def make_workloads(quick: bool, num_w1_requests: int) -> dict[str, Any]:
+def make_workloads(quick: bool, num_w1_requests: int, w1_max_tokens: int | None = None) -> dict[str, Any]:
     w1_prompts, w1_output_lens = make_requests(seed=0, num_requests=128)
+    if w1_max_tokens is not None:  # 1: the prefill of a burst, the figure behind TTFT all at once
+        w1_output_lens = [min(n, w1_max_tokens) for n in w1_output_lens]
     w0_prompt = np.random.default_rng(1).integers(100, 31900, size=128).tolist()
     w0_output_len = 256
     warmup_prompts, _ = make_requests(seed=2, num_requests=16)
@@ -318,6 +320,13 @@ def add_run_args(parser: argparse.ArgumentParser, engines: tuple[str, ...]) -> N
         help="only the first N requests of W1 (for tuning; RESULTS.md needs all 128)",
     )
     parser.add_argument(
+        "--w1-max-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cap every W1 output at N tokens (1: prompts only, the prefill of a burst; not for RESULTS.md)",
+    )
+    parser.add_argument(
         "--max-load",
         type=float,
         default=None,
@@ -358,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = load_average()
     print(f"1-minute load average at start: {load_at_start:.2f} (on {os.cpu_count()} cores)", flush=True)
     model_dir = ensure_model()
-    workloads = make_workloads(args.quick, args.w1_requests)
+    workloads = make_workloads(args.quick, args.w1_requests, args.w1_max_tokens)
     configs = engine_configs(args)
     run_dir = CACHE_DIR / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True)
@@ -419,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + report)
     print(f"run files in {run_dir}")
 
-    complete = set(results) == set(ENGINES) and not args.quick and args.w1_requests == 128
+    complete = (
+        set(results) == set(ENGINES) and not args.quick and args.w1_requests == 128 and args.w1_max_tokens is None
+    )
     if args.no_write:
         pass
     elif complete:

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = load_average()
     print(f"1-minute load average at start: {load_at_start:.2f} (on {os.cpu_count()} cores)", flush=True)
     model_dir = ensure_model()
-    workloads = make_workloads(args.quick, args.w1_requests)
+    workloads = make_workloads(args.quick, args.w1_requests, args.w1_max_tokens)
     run_dir = CACHE_DIR / "runs" / f"serving-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     run_dir.mkdir(parents=True)
 
@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     num_invalid = sum(len(r["invalid"]) for each in repeats for by in each.values() for r in by.values())
     complete = (
         set(runs) == set(ENGINES) and offline is not None and not args.quick and args.w1_requests == 128
+        and args.w1_max_tokens is None
     )
     if args.no_write:
         pass

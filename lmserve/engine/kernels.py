@@ -2,8 +2,8 @@
 
 The kernels are built with the machine's C++ compiler through PyTorch's extension loader and
 cached by PyTorch (`~/.cache/torch_extensions`), so later starts load them in about a second:
-- paged decode attention, KV writes and gathers (csrc/paged_attention_cpu.cpp), used by the
-  `cpu` attention backend;
+- paged decode attention, KV writes and gathers (csrc/paged_attention_cpu.cpp) and paged prefill
+  attention (csrc/prefill_attention_cpu.cpp), used by the `cpu` attention backend;
 - fused elementwise steps of the decoder (csrc/cpu_ops.cpp): RMS norm with the residual add,
   rotary embedding in place, SiLU-and-multiply. Each replaces several PyTorch ops that would
   each read and write the whole activation.
