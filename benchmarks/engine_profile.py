@@ -75,6 +75,8 @@ def onednn_rate(shapes: list[tuple[int, int, int]]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=128, help="W1 requests to run (default all 128)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="cap every output at N tokens (1: the prefill of a burst only)")
     args = parser.parse_args()
 
     from lmserve import LLM, SamplingParams
@@ -84,6 +86,8 @@ def main() -> None:
 
     model_dir = ensure_model()
     prompts, output_lens = make_requests(0, args.requests)
+    if args.max_tokens is not None:
+        output_lens = [min(n, args.max_tokens) for n in output_lens]
     llm = LLM(model=str(model_dir), dtype="float32", enable_prefix_caching=False, max_num_seqs=256,
               max_num_batched_tokens=4096)
     warm = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 8

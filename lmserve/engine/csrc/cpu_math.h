@@ -49,4 +49,38 @@ inline vfloat load16<float>(const float* p) {
   return v;
 }
 
+typedef int32_t vint __attribute__((vector_size(kVec * sizeof(int32_t))));
+
+// exp_f32 on each lane, the same operations in the same order (n rounded to nearest even by the
+// 1.5 * 2^23 trick, exact for |n| < 2^22, as nearbyint is in the default rounding mode).
+inline vfloat exp_vec(vfloat x) {
+  x = x < -87.f ? vfloat{} - 87.f : x;
+  x = x > 88.f ? vfloat{} + 88.f : x;
+  const vfloat n = (x * 1.44269504089f + 12582912.f) - 12582912.f;
+  const vfloat r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vfloat p = vfloat{} + 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// The largest lane and the sum of the lanes, by halving.
+inline float max_lanes(vfloat v) {
+  v = v > __builtin_shuffle(v, vint{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}) ? v : __builtin_shuffle(v, vint{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  return std::max(std::max(std::max(v[0], v[1]), std::max(v[2], v[3])), std::max(std::max(v[4], v[5]), std::max(v[6], v[7])));
+}
+
+inline float sum_lanes(vfloat v) {
+  v = v + __builtin_shuffle(v, vint{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v = v + __builtin_shuffle(v, vint{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  return (v[0] + v[1]) + (v[2] + v[3]);
+}
+
 }  // namespace lmserve

@@ -23,6 +23,7 @@ namespace {
 
 constexpr int64_t kBlock = lmserve::kVec;  // the one cache block size this kernel handles
 using lmserve::vfloat;
+using lmserve::vint;
 
 #ifdef __AVX512F__
 constexpr int64_t kRows = 16;  // 16 score vectors in registers, 32 registers in all
@@ -79,34 +80,28 @@ void attend_tile(const T* __restrict__ query, T* __restrict__ out, const T* __re
 #pragma GCC unroll 16
       for (int64_t r = 0; r < kRows; ++r) scores[r] += q[r][d] * krow;
     }
-    std::memcpy(p, scores, sizeof(p));
     // A block every row sees whole: below the first row's position and inside every row's window.
     const bool whole = first_key + kBlock - 1 <= lo_pos && (window <= 0 || first_key > hi_pos - window);
+    const vint keys = vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + static_cast<int32_t>(first_key);
     for (int64_t r = 0; r < kRows; ++r) {
-      float* pr = p[r];
-      int64_t lo = 0, hi = kBlock;  // the keys [lo, hi) of this block that row r attends
+      vint seen = keys == keys;  // all lanes: the keys of this block that row r attends
       if (!whole) {
-        hi = std::clamp<int64_t>(pos[r] - first_key + 1, 0, kBlock);
-        if (window > 0) lo = std::clamp<int64_t>(pos[r] - window + 1 - first_key, 0, kBlock);
+        seen = keys <= static_cast<int32_t>(pos[r]);
+        if (window > 0) seen &= keys > static_cast<int32_t>(pos[r] - window);
       }
-      if (lo >= hi) {
-        std::fill(pr, pr + kBlock, 0.f);
+      const vfloat masked = seen ? scores[r] : vfloat{} - std::numeric_limits<float>::infinity();
+      const float block_peak = lmserve::max_lanes(masked);
+      if (block_peak == -std::numeric_limits<float>::infinity()) {  // no key of this block
+        std::memset(p[r], 0, sizeof(p[r]));
         rescale[r] = 1.f;
         continue;
       }
-      float block_peak = -std::numeric_limits<float>::infinity();
-      for (int64_t j = lo; j < hi; ++j) block_peak = std::max(block_peak, pr[j]);
       const float new_peak = std::max(peak[r], block_peak);
       rescale[r] = peak[r] == -std::numeric_limits<float>::infinity() ? 0.f : lmserve::exp_f32(peak[r] - new_peak);
       peak[r] = new_peak;
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < kBlock; ++j) {
-        const float e = (j >= lo && j < hi) ? lmserve::exp_f32(pr[j] - new_peak) : 0.f;
-        pr[j] = e;
-        sum += e;
-      }
-      total[r] = total[r] * rescale[r] + sum;
+      const vfloat e = seen ? lmserve::exp_vec(scores[r] - new_peak) : vfloat{};
+      std::memcpy(p[r], &e, sizeof(e));
+      total[r] = total[r] * rescale[r] + lmserve::sum_lanes(e);
     }
     for (int64_t r0 = 0; r0 < kRows; r0 += kGroup) {
       vfloat a[kGroup][kVecs];
