@@ -157,10 +157,7 @@ void decode_task_fixed(const float* __restrict__ q, const T* __restrict__ key_ca
       }
     }
     for (int64_t g = 0; g < kHeads; ++g) {
-      const float inv = 1.f / total[g0 + g];
-      alignas(64) float values[DIM];
-      std::memcpy(values, acc[g], sizeof(values));
-      for (int64_t d = 0; d < DIM; ++d) out[(g0 + g) * DIM + d] = static_cast<T>(values[d] * inv);
+      lmserve::store_scaled<T, DIM>(acc[g], 1.f / total[g0 + g], out + (g0 + g) * DIM);
     }
   }
 }

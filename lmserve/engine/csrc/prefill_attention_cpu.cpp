@@ -124,10 +124,7 @@ void attend_tile(const T* __restrict__ query, T* __restrict__ out, const T* __re
     const int64_t row = first_row + r;
     const int64_t t = row / group, head = kv_head * group + row % group;
     T* dst = out + ((s.query_start + t) * num_heads + head) * DIM;
-    const float inv = 1.f / total[r];
-    alignas(64) float values[DIM];
-    std::memcpy(values, acc[r], sizeof(values));
-    for (int64_t d = 0; d < DIM; ++d) dst[d] = static_cast<T>(values[d] * inv);
+    lmserve::store_scaled<T, DIM>(acc[r], 1.f / total[r], dst);
   }
 }
 
