@@ -24,7 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.engine_throughput import ensure_model, make_requests  # noqa: E402
+from benchmarks.engine_throughput import (  # noqa: E402
+    add_engine_config_args,
+    ensure_model,
+    lmserve_settings,
+    make_workloads,
+)
 
 
 def timed(totals: dict[str, float], key: str, cls: type, name: str) -> None:
@@ -77,6 +82,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=128, help="W1 requests to run (default all 128)")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="cap every output at N tokens (1: the prefill of a burst only)")
+    add_engine_config_args(parser)
     args = parser.parse_args()
 
     from lmserve import LLM, SamplingParams
@@ -85,11 +91,9 @@ def main() -> None:
     from lmserve.engine.models.llama import LlamaForCausalLM
 
     model_dir = ensure_model()
-    prompts, output_lens = make_requests(0, args.requests)
-    if args.max_tokens is not None:
-        output_lens = [min(n, args.max_tokens) for n in output_lens]
-    llm = LLM(model=str(model_dir), dtype="float32", enable_prefix_caching=False, max_num_seqs=256,
-              max_num_batched_tokens=4096)
+    w1 = make_workloads(False, args.requests, args.max_tokens)["w1"]
+    prompts, output_lens = w1["prompts"], w1["output_lens"]
+    llm = LLM(model=str(model_dir), **lmserve_settings(args))
     warm = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 8
     llm.generate(prompts[:8], warm, use_tqdm=False)
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/prefill_kernel_ab.py                          # all of W1
     .venv/bin/python benchmarks/prefill_kernel_ab.py --requests 48 --max-tokens 1   # prompts only
 
-One `lmserve.LLM` (engine_throughput.py's model and settings) runs the chosen part of W1
+One `lmserve.LLM` (engine_throughput.py's model and settings, `--lmserve-llm` to change them) runs the chosen part of W1
 `--repeats` times with each prefill path, alternating, after an untimed warm-up: on this noisy VM
 two runs minutes apart differ by more than the change, runs side by side in one process do not.
 Prints the seconds of every run, the minimum and the median per path. Writes nothing.
@@ -19,7 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.engine_throughput import ensure_model, make_requests  # noqa: E402
+from benchmarks.engine_throughput import (  # noqa: E402
+    add_engine_config_args,
+    ensure_model,
+    lmserve_settings,
+    make_workloads,
+)
 
 
 def main() -> None:
@@ -27,6 +32,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=128, help="the first N requests of W1")
     parser.add_argument("--max-tokens", type=int, default=None, help="cap every output (1: prompts only)")
     parser.add_argument("--repeats", type=int, default=8)
+    add_engine_config_args(parser)
     args = parser.parse_args()
 
     import lmserve
@@ -34,12 +40,9 @@ def main() -> None:
     from lmserve.engine.attention.torch_backend import TorchAttentionBackend
 
     model_dir = ensure_model()
-    prompts, output_lens = make_requests(seed=0, num_requests=128)
-    prompts, output_lens = prompts[: args.requests], output_lens[: args.requests]
-    if args.max_tokens is not None:
-        output_lens = [min(n, args.max_tokens) for n in output_lens]
-    llm = lmserve.LLM(model=str(model_dir), dtype="float32", enable_prefix_caching=False, max_num_seqs=256,
-                      max_num_batched_tokens=4096)
+    w1 = make_workloads(False, args.requests, args.max_tokens)["w1"]
+    prompts, output_lens = w1["prompts"], w1["output_lens"]
+    llm = lmserve.LLM(model=str(model_dir), **lmserve_settings(args))
 
     def params() -> list:
         return [lmserve.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in output_lens]
