@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace lmserve {
 
 // A vector of 16 floats (one row of a 16-token cache block), as a GCC vector extension: the
@@ -68,6 +72,18 @@ inline void store_scaled(const vfloat* acc, float scale, T* dst) {
   alignas(64) float values[DIM];
   std::memcpy(values, acc, sizeof(values));
   for (int64_t d = 0; d < DIM; ++d) dst[d] = static_cast<T>(values[d] * scale);
+}
+
+// Whether any lane of a comparison's result is set.
+inline bool any_lane(vint mask) {
+#ifdef __AVX512F__
+  const __m512i bits = reinterpret_cast<__m512i>(mask);
+  return _mm512_test_epi32_mask(bits, bits) != 0;
+#else
+  int32_t any = 0;
+  for (int64_t j = 0; j < kVec; ++j) any |= mask[j];
+  return any != 0;
+#endif
 }
 
 // The largest lane and the sum of the lanes, by halving.

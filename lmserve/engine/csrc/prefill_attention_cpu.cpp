@@ -64,11 +64,16 @@ void attend_tile(const T* __restrict__ query, T* __restrict__ out, const T* __re
   const int64_t lo_pos = pos[0], hi_pos = pos[kRows - 1];
   const int64_t start = window > 0 ? std::max<int64_t>(0, lo_pos - window + 1) : 0;
 
+  // Each row's scores are shifted by a peak that moves only when a score passes it by more than
+  // kSlack: exp(score - peak) then stays below e^kSlack, far inside float's range, and most blocks
+  // need neither the largest of their scores nor a rescale of the accumulators (the shift cancels
+  // in the final division, whichever it is). The sum of the weights is kept per lane until the end.
+  constexpr float kSlack = 8.f;
   alignas(64) vfloat acc[kRows][kVecs] = {};
+  alignas(64) vfloat total[kRows] = {};
   alignas(64) float p[kRows][kBlock];
-  float peak[kRows], total[kRows], rescale[kRows];
+  float peak[kRows];
   std::fill(peak, peak + kRows, -std::numeric_limits<float>::infinity());
-  std::fill(total, total + kRows, 0.f);
 
   for (int64_t b = start / kBlock; b <= hi_pos / kBlock; ++b) {
     const int64_t first_key = b * kBlock;
@@ -90,41 +95,35 @@ void attend_tile(const T* __restrict__ query, T* __restrict__ out, const T* __re
         if (window > 0) seen &= keys > static_cast<int32_t>(pos[r] - window);
       }
       const vfloat masked = seen ? scores[r] : vfloat{} - std::numeric_limits<float>::infinity();
-      const float block_peak = lmserve::max_lanes(masked);
-      if (block_peak == -std::numeric_limits<float>::infinity()) {  // no key of this block
-        std::memset(p[r], 0, sizeof(p[r]));
-        rescale[r] = 1.f;
-        continue;
+      if (lmserve::any_lane(masked > peak[r] + kSlack)) {  // the first key the row sees, or a far larger score
+        const float new_peak = lmserve::max_lanes(masked);
+        const float rescale = peak[r] == -std::numeric_limits<float>::infinity() ? 0.f : lmserve::exp_f32(peak[r] - new_peak);
+        for (int64_t v = 0; v < kVecs; ++v) acc[r][v] *= rescale;
+        total[r] *= rescale;
+        peak[r] = new_peak;
       }
-      const float new_peak = std::max(peak[r], block_peak);
-      rescale[r] = peak[r] == -std::numeric_limits<float>::infinity() ? 0.f : lmserve::exp_f32(peak[r] - new_peak);
-      peak[r] = new_peak;
-      const vfloat e = seen ? lmserve::exp_vec(scores[r] - new_peak) : vfloat{};
+      const vfloat e = seen ? lmserve::exp_vec(scores[r] - peak[r]) : vfloat{};
       std::memcpy(p[r], &e, sizeof(e));
-      total[r] = total[r] * rescale[r] + lmserve::sum_lanes(e);
+      total[r] += e;
     }
-    for (int64_t r0 = 0; r0 < kRows; r0 += kGroup) {
-      vfloat a[kGroup][kVecs];
-      for (int64_t i = 0; i < kGroup; ++i)
-        for (int64_t v = 0; v < kVecs; ++v) a[i][v] = acc[r0 + i][v] * rescale[r0 + i];
+    // The weighted values, a 16-column slice of the accumulators at a time: like the scores, one
+    // vector load per key and one multiply-add per row with the row's weight broadcast.
+    for (int64_t v = 0; v < kVecs; ++v) {
+      vfloat a[kRows];
+      for (int64_t r = 0; r < kRows; ++r) a[r] = acc[r][v];
       for (int64_t j = 0; j < kBlock; ++j) {
-        vfloat vrow[kVecs];
-        for (int64_t v = 0; v < kVecs; ++v) vrow[v] = lmserve::load16(vb + j * DIM + v * kBlock);
+        const vfloat vrow = lmserve::load16(vb + j * DIM + v * kBlock);
 #pragma GCC unroll 16
-        for (int64_t i = 0; i < kGroup; ++i) {
-          const float w = p[r0 + i][j];
-          for (int64_t v = 0; v < kVecs; ++v) a[i][v] += w * vrow[v];
-        }
+        for (int64_t r = 0; r < kRows; ++r) a[r] += p[r][j] * vrow;
       }
-      for (int64_t i = 0; i < kGroup; ++i)
-        for (int64_t v = 0; v < kVecs; ++v) acc[r0 + i][v] = a[i][v];
+      for (int64_t r = 0; r < kRows; ++r) acc[r][v] = a[r];
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = first_row + r;
     const int64_t t = row / group, head = kv_head * group + row % group;
     T* dst = out + ((s.query_start + t) * num_heads + head) * DIM;
-    lmserve::store_scaled<T, DIM>(acc[r], 1.f / total[r], dst);
+    lmserve::store_scaled<T, DIM>(acc[r], 1.f / lmserve::sum_lanes(total[r]), dst);
   }
 }
 

@@ -17,6 +17,18 @@ HEADS = [(8, 2, 32), (4, 4, 64), (8, 2, 64), (16, 2, 128)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", HEADS, ids=[f"h{h}-kv{kv}-d{d}" for h, kv, d in HEADS])
 def test_cpu_backend_matches_torch_backend(block_size, window, dtype, heads):
+    compare_backends(block_size, window, dtype, heads)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("heads", [(4, 4, 64), (8, 2, 64)], ids=["h4-kv4-d64", "h8-kv2-d64"])
+def test_cpu_backend_matches_when_later_keys_score_far_higher(window, heads):
+    # Keys that grow along the sequence: a row's largest score keeps rising by more than the
+    # prefill kernel lets its running peak lag behind, so it rescales its sums block after block.
+    compare_backends(16, window, torch.float32, heads, key_growth=0.5)
+
+
+def compare_backends(block_size, window, dtype, heads, key_growth=0.0):
     gen = torch.Generator().manual_seed(block_size * 10 + (window or 0))
     h, hkv, d = heads
     layer = Attention(0, h, hkv, d, d**-0.5, window)
@@ -32,8 +44,10 @@ def test_cpu_backend_matches_torch_backend(block_size, window, dtype, heads):
         offset += query_len
     total = offset
     q = torch.randn(total, h * d, generator=gen).to(dtype)
-    k = torch.randn(total, hkv * d, generator=gen).to(dtype)
+    k = torch.randn(total, hkv * d, generator=gen)
     v = torch.randn(total, hkv * d, generator=gen).to(dtype)
+    positions = torch.cat([torch.arange(s.context_len - s.query_len, s.context_len) for s in slices])
+    k = (k * (1 + key_growth * positions[:, None])).to(dtype)
 
     # Earlier context of each sequence is written first, as earlier steps would have done.
     history = [SequenceSlice(0, s.context_len - s.query_len, s.context_len - s.query_len, s.block_ids)
@@ -44,7 +58,7 @@ def test_cpu_backend_matches_torch_backend(block_size, window, dtype, heads):
         hist_gen = torch.Generator().manual_seed(99)
         for s in history:
             n = s.query_len
-            hk = torch.randn(n, hkv * d, generator=hist_gen).to(dtype)
+            hk = (torch.randn(n, hkv * d, generator=hist_gen) * (1 + key_growth * torch.arange(n)[:, None])).to(dtype)
             hv = torch.randn(n, hkv * d, generator=hist_gen).to(dtype)
             hq = torch.randn(n, h * d, generator=hist_gen).to(dtype)
             slots = torch.tensor([s.block_ids[p // block_size] * block_size + p % block_size for p in range(n)])
