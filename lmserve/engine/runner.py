@@ -77,7 +77,7 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
         result = StepResult()
         if inputs.sampling_seqs:
-            logits = self.model.compute_logits(hidden[inputs.logits_rows])
+            logits = self.model.compute_logits(hidden if inputs.ctx.output_rows is not None else hidden[inputs.logits_rows])
             samples = self.sampler(logits, inputs.sampling_seqs)
             result.sampled = {seq.seq_id: sample for seq, sample in zip(inputs.sampling_seqs, samples)}
         for seq, first_target, rows in inputs.prompt_logprob_rows:
@@ -116,16 +116,21 @@ class ModelRunner:
             offset += n
         device = self.device
         slot_mapping = torch.from_numpy(np.concatenate(slots)).to(device)
+        logits_rows_t = torch.tensor(logits_rows, dtype=torch.long, device=device)
+        # Only the sampled rows go past the last layer's attention, unless prompt log-probabilities
+        # need the others or every row samples anyway (a step of decodes).
+        prune = not prompt_logprob_rows and len(logits_rows) < offset
         ctx = ForwardContext(
             backend=self.backend,
             metadata=self.backend.build_metadata(slices, slot_mapping, device),
             kv_caches=self.kv_caches,
+            output_rows=logits_rows_t if prune else None,
         )
         return _StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
             positions=torch.from_numpy(np.concatenate(positions)).to(device),
             ctx=ctx,
-            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=device),
+            logits_rows=logits_rows_t,
             sampling_seqs=sampling_seqs,
             prompt_logprob_rows=prompt_logprob_rows,
         )

@@ -62,6 +62,10 @@ class ForwardContext:
     backend: AttentionBackend
     metadata: Any
     kv_caches: list[torch.Tensor]
+    output_rows: torch.Tensor | None = None
+    """The rows whose final hidden states are wanted, in the order the model returns them (None:
+    every row). The last layer writes every row's keys and values, then carries on with these
+    rows only: in a prefill step that is one row per prompt instead of thousands."""
 
 
 class Attention(nn.Module):

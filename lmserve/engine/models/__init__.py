@@ -28,7 +28,9 @@ class CausalLM(Protocol):
     head_dim: int
     vocab_size: int
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor: ...
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The final hidden states of `ctx.output_rows` (every row when None), normalized."""
+        ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 

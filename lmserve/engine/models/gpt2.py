@@ -29,9 +29,10 @@ class GPT2Attention(nn.Module):
         self.c_proj = nn.Linear(hidden, hidden)
         self.attn = Attention(layer_idx, heads, heads, head_dim, scale)
 
-    def forward(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, rows: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.c_attn(hidden).split(self.hidden, dim=-1)
-        return self.c_proj(self.attn(q, k, v, ctx))
+        out = self.attn(q, k, v, ctx)
+        return self.c_proj(out if rows is None else out[rows])
 
 
 class GPT2Block(nn.Module):
@@ -45,8 +46,10 @@ class GPT2Block(nn.Module):
         self.mlp = nn.ModuleDict({"c_fc": nn.Linear(hidden, inner), "c_proj": nn.Linear(inner, hidden)})
         self.act = activation(config.get("activation_function", "gelu_new"))
 
-    def forward(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        hidden = hidden + self.attn(self.ln_1(hidden), ctx)
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output, for `rows` only where given."""
+        attended = self.attn(self.ln_1(hidden), ctx, rows)
+        hidden = (hidden if rows is None else hidden[rows]) + attended
         mlp = self.mlp["c_proj"](self.act(self.mlp["c_fc"](self.ln_2(hidden))))
         return hidden + mlp
 
@@ -62,8 +65,11 @@ class GPT2Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.wte(input_ids) + self.wpe(positions)
-        for block in self.h:
-            hidden = block(hidden, ctx)
+        last = len(self.h) - 1
+        for i, block in enumerate(self.h):
+            hidden = block(hidden, ctx, ctx.output_rows if i == last else None)
+        if not self.h and ctx.output_rows is not None:
+            hidden = hidden[ctx.output_rows]
         return self.ln_f(hidden)
 
 

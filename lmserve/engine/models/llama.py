@@ -91,7 +91,11 @@ class DecoderAttention(nn.Module):
         self.rotary = RotaryEmbedding(d, max_positions, config)
         self.attn = Attention(layer_idx, h, hkv, d, d**-0.5, spec.sliding_windows[layer_idx])
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The attention output projected, for `rows` only where given (every row's keys and
+        values still go to the cache)."""
         num_tokens = hidden.shape[0]
         d = self.attn.head_dim
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -99,7 +103,8 @@ class DecoderAttention(nn.Module):
             q = self.q_norm(q.reshape(num_tokens, -1, d)).reshape(num_tokens, -1)
             k = self.k_norm(k.reshape(num_tokens, -1, d)).reshape(num_tokens, -1)
         q, k = self.rotary(positions, q, k, d)
-        return self.o_proj(self.attn(q, k, v, ctx))
+        out = self.attn(q, k, v, ctx)
+        return self.o_proj(out if rows is None else out[rows])
 
 
 class GatedMLP(nn.Module):
@@ -130,15 +135,22 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(spec)
 
     def forward(
-        self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, ctx: ForwardContext
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        ctx: ForwardContext,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this layer's output before its residual add, the residual stream so far): the next
-        norm adds them, in one pass where a kernel can."""
+        """(this layer's output before its residual add, the residual stream so far), of `rows`
+        only where given: the next norm adds them, in one pass where a kernel can."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm.add_norm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, ctx)
+        hidden = self.self_attn(hidden, positions, ctx, rows)
+        if rows is not None:
+            residual = residual[rows]
         hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -155,10 +167,11 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         residual = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, positions, ctx)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, positions, ctx, ctx.output_rows if i == last else None)
         if residual is None:  # no layers
-            return self.norm(hidden)
+            return self.norm(hidden if ctx.output_rows is None else hidden[ctx.output_rows])
         return self.norm.add_norm(hidden, residual)[0]
 
 

@@ -30,12 +30,14 @@ class PagedModel:
         )
 
     @torch.inference_mode()
-    def logits(self, token_ids, start, block_ids):
+    def logits(self, token_ids, start, block_ids, output_rows=None):
         n = len(token_ids)
         positions = torch.arange(start, start + n)
         slots = torch.tensor([block_ids[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in positions.tolist()])
         meta = self.backend.build_metadata([SequenceSlice(0, n, start + n, block_ids)], slots, torch.device("cpu"))
-        hidden = self.loaded.model(torch.tensor(token_ids), positions, ForwardContext(self.backend, meta, self.caches))
+        rows = None if output_rows is None else torch.tensor(output_rows, dtype=torch.long)
+        ctx = ForwardContext(self.backend, meta, self.caches, output_rows=rows)
+        hidden = self.loaded.model(torch.tensor(token_ids), positions, ctx)
         return self.loaded.model.compute_logits(hidden)
 
 
@@ -54,6 +56,23 @@ def test_prompt_logits_match_transformers(tiny_model_factory, family, backend):
     got = [paged.logits(ids[i : i + 13], i, block_ids) for i in range(0, 52, 13)]
     got += [paged.logits([ids[i]], i, block_ids) for i in range(52, len(ids))]
     torch.testing.assert_close(torch.cat(got), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_rows_are_the_rows_of_a_full_forward(tiny_model_factory, family):
+    # The last layer carries on past attention with the asked rows only (in the asked order).
+    path, hf = tiny_model_factory(family)
+    ids = prompts(hf.config.vocab_size)[-1]
+    paged = PagedModel(path, "cpu")
+    block_ids = list(range(20, 20 + -(-len(ids) // BLOCK_SIZE)))[::-1]
+    full = paged.logits(ids, 0, block_ids)
+    rows = [99, 0, 41]
+    torch.testing.assert_close(paged.logits(ids, 0, block_ids, output_rows=rows), full[rows], rtol=1e-5, atol=1e-5)
+    # A chunk that samples nothing still writes every layer's keys and values for the next one.
+    assert paged.logits(ids[:60], 0, block_ids, output_rows=[]).shape[0] == 0
+    torch.testing.assert_close(
+        paged.logits(ids[60:], 60, block_ids, output_rows=[39]), full[[99]], rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
