@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lmserve.engine.attention.base import Attention, SequenceSlice
-from lmserve.engine.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata
+from lmserve.engine.attention.torch_backend import TorchAttentionBackend, TorchAttentionMetadata, block_tables
 from lmserve.engine.kernels import load_kernels, zeros_on_huge_pages
 
 
@@ -44,13 +44,10 @@ class CPUAttentionBackend(TorchAttentionBackend):
         prefills = metadata.prefills
         if prefills:
             first = prefills[0].query_start
-            width = max(len(s.block_ids) for s in prefills)
             metadata.prefill_layout = torch.tensor(
                 [(s.query_start - first, s.query_len, s.context_len) for s in prefills], dtype=torch.long
             )
-            metadata.prefill_block_tables = torch.tensor(
-                [s.block_ids + [0] * (width - len(s.block_ids)) for s in prefills], dtype=torch.long
-            )
+            metadata.prefill_block_tables = block_tables(prefills)
         return metadata
 
     def _prefills(

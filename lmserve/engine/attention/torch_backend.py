@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from lmserve.engine.attention.base import Attention, SequenceSlice
 
 
+def block_tables(slices: list[SequenceSlice], device: torch.device | None = None) -> torch.Tensor:
+    """[len(slices), most blocks] int64: each slice's block ids, padded with 0."""
+    width = max(len(s.block_ids) for s in slices)
+    return torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in slices], dtype=torch.long, device=device)
+
+
 @dataclass
 class TorchAttentionMetadata:
     """Per-step inputs shared by every layer. Decode slices (one query token) come first."""
@@ -111,9 +117,7 @@ class TorchAttentionBackend:
             raise ValueError("decode slices (one query token) must come first")
         tables = lens = None
         if decodes:
-            width = max(len(s.block_ids) for s in decodes)
-            padded = [s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes]
-            tables = torch.tensor(padded, dtype=torch.long, device=device)
+            tables = block_tables(decodes, device)
             lens = torch.tensor([s.context_len for s in decodes], dtype=torch.long, device=device)
         return TorchAttentionMetadata(
             slot_mapping=slot_mapping,
