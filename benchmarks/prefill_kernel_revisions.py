@@ -31,23 +31,15 @@ from lmserve.engine import kernels  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 8, 2, 64, 16
 STEP_TOKENS = 4096
-CSRC = "lmserve/engine/csrc"
-
-
-def build(source_dir: Path, name: str) -> ModuleType:
-    from torch.utils.cpp_extension import load
-
-    kernels._ninja_on_path()
-    sources = [str(source_dir / Path(s).name) for s in kernels.SOURCES]
-    return load(name=name, sources=sources, extra_cflags=kernels.CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+REPO = Path(__file__).resolve().parent.parent
+CSRC = kernels.CSRC.relative_to(REPO).as_posix()  # as git names it
 
 
 def sources_at(rev: str, out_dir: Path) -> None:
-    repo = Path(__file__).resolve().parent.parent
-    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{CSRC}"], cwd=repo, check=True,
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{CSRC}"], cwd=REPO, check=True,
                            capture_output=True, text=True).stdout.split()
     for name in names:
-        text = subprocess.run(["git", "show", f"{rev}:{CSRC}/{name}"], cwd=repo, check=True,
+        text = subprocess.run(["git", "show", f"{rev}:{CSRC}/{name}"], cwd=REPO, check=True,
                               capture_output=True).stdout
         (out_dir / name).write_bytes(text)
 
@@ -88,8 +80,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         sources_at(args.rev, Path(tmp))
-        builds = {args.rev: build(Path(tmp), "prefill_ab_rev"),
-                  "working tree": build(Path(__file__).resolve().parent.parent / CSRC, "prefill_ab_now")}
+        builds = {args.rev: kernels.compile_kernels(Path(tmp), "prefill_ab_rev"),
+                  "working tree": kernels.compile_kernels(kernels.CSRC, "prefill_ab_now")}
     lengths = [len(p) for p in make_workloads(False, 128)["w1"]["prompts"]]
     cache, calls = make_calls(lengths)
     flops = sum(4 * HEADS * HEAD_DIM * n * (n + 1) / 2 for n in lengths)

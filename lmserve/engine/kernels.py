@@ -37,24 +37,30 @@ class KernelBuildError(RuntimeError):
 @cache
 def load_kernels() -> ModuleType:
     """Compiles (once per machine) and loads the C++ kernels; raises KernelBuildError."""
-    from torch.utils.cpp_extension import load
-
-    _ninja_on_path()
     # The sources' and flags' hash in the name: two lmserve versions on one machine each keep their own
     # build instead of rebuilding over each other at every start.
     files = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))
     digest = hashlib.blake2b(b"".join(f.read_bytes() for f in files) + " ".join(CFLAGS).encode(), digest_size=4)
     try:
-        return load(
-            name=f"lmserve_cpu_kernels_{digest.hexdigest()}",
-            sources=[str(s) for s in SOURCES],
-            extra_cflags=CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return compile_kernels(CSRC, f"lmserve_cpu_kernels_{digest.hexdigest()}")
     except Exception as exc:  # compiler missing, headers missing, unsupported flags...
         reason = " ".join(str(exc).split())[:300]
         raise KernelBuildError(f"cannot build the CPU kernels: {reason}") from None
+
+
+def compile_kernels(source_dir: Path, name: str) -> ModuleType:
+    """Builds the sources of `SOURCES`, as found in `source_dir`, into the extension module `name`
+    (PyTorch reuses an earlier build of the same name and sources) and imports it."""
+    from torch.utils.cpp_extension import load
+
+    _ninja_on_path()
+    return load(
+        name=name,
+        sources=[str(source_dir / s.name) for s in SOURCES],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
 
 
 def _ninja_on_path() -> None:
