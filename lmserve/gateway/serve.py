@@ -16,6 +16,7 @@ from lmserve.gateway.app import Gateway, create_app
 from lmserve.gateway.config import GatewayConfig
 from lmserve.gateway.http11 import HTTP11Protocol
 from lmserve.gateway.logs import setup_logging
+from lmserve.heap import freeze_heap
 
 log = logging.getLogger("lmserve.gateway")
 
@@ -24,6 +25,11 @@ class _DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
         super().__init__(config)
         self.gateway = gateway
+
+    async def startup(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+        await super().startup(sockets)
+        if not self.should_exit:  # started: lifespan done, sockets bound
+            freeze_heap("gateway")
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.gateway.is_draining:

@@ -27,6 +27,7 @@ from typing import Any
 from lmserve.engine.async_engine import Command, EngineClient, EngineDeadError, Event, StepLoop
 from lmserve.engine.config import EngineConfig
 from lmserve.engine.engine import Engine, EngineInfo
+from lmserve.heap import freeze_heap
 from lmserve.server.logs import configure_logging
 
 logger = logging.getLogger("lmserve.server")
@@ -159,6 +160,7 @@ def _child(commands: Connection, events: Connection) -> int:
     except Exception as exc:
         events.send(("failed", _portable(exc)))
         return 1
+    freeze_heap("engine")
     events.send(("ready", engine.info, engine.stats()))
     outbox: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
     steps = StepLoop(engine, outbox.put)

@@ -14,6 +14,7 @@ from lmserve.engine.config import EngineConfig
 from lmserve.engine.loader import DEMO_MODEL_NAMES
 from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.tokenizer import Tokenizer
+from lmserve.heap import freeze_heap
 from lmserve.server.engine_process import ProcessEngine
 from lmserve.server.errors import unavailable
 from lmserve.server.metrics import ServerMetrics
@@ -82,6 +83,7 @@ class ServerState:
             self.engine, self.metrics = engine, metrics
             if self.options.warmup:
                 await self._warmup()
+            freeze_heap("server")
         except Exception as exc:  # reported in /v1/status and the log; the process then exits
             if engine.info is not None:
                 await engine.shutdown()

@@ -238,3 +238,13 @@ def test_probes_while_loading_and_after_the_engine_died(tiny_llama, mode, break_
             await state.engine.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_both_processes_freeze_their_start_up_heap(start_server):
+    # Frozen objects are skipped by every later full collection (~170 ms for a real model's engine).
+    server = start_server("--log-level", "debug")
+    assert httpx.post(server.url + "/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    frozen = {line["process"]: line["objects"] for line in lines if line.get("msg") == "start-up heap frozen"}
+    assert set(frozen) == {"server", "engine"}
+    assert min(frozen.values()) > 10_000, frozen
