@@ -31,18 +31,18 @@ class TorchAttentionMetadata:
     decode_block_tables: torch.Tensor | None
     decode_context_lens: torch.Tensor | None
     prefills: list[SequenceSlice]
-    prefill_block_ids: list[torch.Tensor]
     prefill_layout: torch.Tensor | None = None
     """Backends that attend every prefill slice in one call: [P, 3] (first row after the decodes,
     rows, context length) per slice."""
     prefill_block_tables: torch.Tensor | None = None
     """[P, width], each slice's block ids padded with 0."""
-    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _made: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    """Masks and block-id tensors made on first use, shared by every layer of the step."""
 
     def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask `[B, 1, L]`: 0 where a decode query may attend, -inf elsewhere."""
         key = ("decode", window, dtype)
-        mask = self._masks.get(key)
+        mask = self._made.get(key)
         if mask is None:
             if self.decode_block_tables is None or self.decode_context_lens is None:
                 raise RuntimeError("decode mask asked for a step without decode slices")
@@ -55,8 +55,18 @@ class TorchAttentionMetadata:
             mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
             mask.masked_fill_(~allowed, float("-inf"))
             mask = mask[:, None, :]
-            self._masks[key] = mask
+            self._made[key] = mask
         return mask
+
+    def prefill_block_ids(self, i: int) -> torch.Tensor:
+        """Block ids of prefill slice i as a tensor, made when a layer first asks (backends with a
+        kernel for all prefills never do)."""
+        key = ("blocks", i)
+        ids = self._made.get(key)
+        if ids is None:
+            ids = torch.tensor(self.prefills[i].block_ids, dtype=torch.long, device=self.slot_mapping.device)
+            self._made[key] = ids
+        return ids
 
     def prefill_mask(self, i: int, window: int | None) -> torch.Tensor | None:
         """Boolean mask `[q, context]` for prefill slice i; None when plain causal attention applies."""
@@ -65,7 +75,7 @@ class TorchAttentionMetadata:
         if start == 0 and (window is None or window >= s.context_len):
             return None
         key = ("prefill", i, window)
-        mask = self._masks.get(key)
+        mask = self._made.get(key)
         if mask is None:
             device = self.slot_mapping.device
             q_pos = torch.arange(start, s.context_len, device=device)[:, None]
@@ -73,7 +83,7 @@ class TorchAttentionMetadata:
             mask = k_pos <= q_pos
             if window is not None:
                 mask &= k_pos > q_pos - window
-            self._masks[key] = mask
+            self._made[key] = mask
         return mask
 
 
@@ -126,7 +136,6 @@ class TorchAttentionBackend:
             decode_block_tables=tables,
             decode_context_lens=lens,
             prefills=prefills,
-            prefill_block_ids=[torch.tensor(s.block_ids, dtype=torch.long, device=device) for s in prefills],
         )
 
     def forward(
@@ -205,7 +214,7 @@ class TorchAttentionBackend:
         if s.context_len == s.query_len:
             keys, values = key.transpose(0, 1), value.transpose(0, 1)
         else:
-            keys, values = self._context(kv_cache, metadata.prefill_block_ids[i], s.context_len, hkv, d)
+            keys, values = self._context(kv_cache, metadata.prefill_block_ids(i), s.context_len, hkv, d)
         mask = metadata.prefill_mask(i, layer.sliding_window)
         out = F.scaled_dot_product_attention(
             q[None], keys[None], values[None],
