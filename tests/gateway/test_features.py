@@ -135,7 +135,7 @@ def test_every_bad_input_gets_an_openai_error_body(backends, gateway_factory, tm
 def test_breaker_opens_and_recovers(backends, gateway_factory, tmp_path: Path) -> None:
     a, b = backends("a"), backends("b")
     config = base_config(tmp_path, [{"name": "m", "backends": [{"url": a.url}, {"url": b.url}]}],
-                         health={"consecutive_failures": 3, "cooldown": 1.0, "probe_interval": 30},
+                         health={"consecutive_failures": 3, "cooldown": 3.0, "probe_interval": 30},
                          retries={"retry_on_status": []})
     gw = gateway_factory(config)
     key = gw.create_key()
@@ -151,7 +151,9 @@ def test_breaker_opens_and_recovers(backends, gateway_factory, tmp_path: Path) -
         gw.url + "/metrics").text
 
     a.control(status=None, fail_count=0)  # a recovers
-    time.sleep(1.1)  # cooldown: the next request to a is the half-open trial
+    # Cooldown: the next request to a is the half-open trial. Until then (3 s from the breaker
+    # opening, long enough for the ~11 round trips above on a loaded machine) a gets nothing.
+    time.sleep(3.1)
     names = [post(gw.url, key).headers["x-backend-name"] for _ in range(6)]
     assert "a" in names
     assert gw.admin("GET", "/admin/health").json()["models"]["m"]["backends"][0]["breaker"] == "closed"

@@ -86,7 +86,7 @@ def test_budget_is_seeded_from_the_ledger_without_redis(backends, gateway_factor
 
 def test_lower_priority_is_shed_first(backends, gateway_factory, tmp_path: Path) -> None:
     a = backends("a")
-    a.control(delay=1.5)
+    a.control(delay=4.0)  # the slow requests must still be in flight when the last one is refused
     config = base_config(tmp_path, [{"name": "m", "backends": [{"url": a.url}], "max_in_flight": 4}],
                          shedding={"high": 1.0, "normal": 0.75, "low": 0.5})
     gw = gateway_factory(config)
