@@ -4,6 +4,7 @@ PostgreSQL servers started in temp dirs (installed by scripts/install-test-deps.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import pwd
 import re
@@ -42,6 +43,11 @@ class Process:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_entries(self, msg: str | None = None) -> list[dict]:
+        """The JSON lines of the log (those with this `msg`, where given), parsed."""
+        entries = [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+        return entries if msg is None else [e for e in entries if e.get("msg") == msg]
 
     def signal(self, sig: int) -> None:
         if self.popen.poll() is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -222,8 +221,7 @@ def test_metrics_and_json_logs(backends, gateway_factory, tmp_path: Path) -> Non
     assert 'lmserve_gateway_tokens_total{kind="completion",model="m"} 5.0' in text
     assert "lmserve_gateway_upstream_ttfb_seconds_bucket" in text
     assert 'lmserve_gateway_in_flight{model="m"} 0.0' in text
-    entries = [json.loads(line) for line in gw.proc.log().splitlines()]
-    requests = [e for e in entries if e.get("msg") == "request"]
+    requests = gw.proc.log_entries("request")
     assert [e["status"] for e in requests] == [200, 429]
     assert all(e["request_id"] and e["level"] == "info" for e in requests)
 

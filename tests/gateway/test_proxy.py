@@ -247,8 +247,7 @@ def test_request_id_is_forwarded_and_returned(backends, gateway_factory, tmp_pat
     assert "Authorization" not in a.stats()["last_headers"]
     generated = chat(gw.url, key).headers["x-request-id"]
     assert generated and a.stats()["last_headers"]["X-Request-ID"] == generated
-    log_lines = [json.loads(line) for line in gw.proc.log().splitlines() if line.startswith("{")]
-    assert any(entry.get("request_id") == "req-123" and entry.get("status") == 200 for entry in log_lines)
+    assert any(entry.get("request_id") == "req-123" and entry.get("status") == 200 for entry in gw.proc.log_entries())
 
 
 def test_canary_split_between_two_versions(backends, gateway_factory, tmp_path: Path) -> None:

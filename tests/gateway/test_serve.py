@@ -159,7 +159,6 @@ def test_gateway_freezes_its_start_up_heap(backends, gateway_factory, tmp_path: 
     deadline = time.monotonic() + 10
     while "start-up heap frozen" not in gw.proc.log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    lines = [json.loads(line) for line in gw.proc.log().splitlines() if line.startswith("{")]
-    frozen = [line for line in lines if line.get("msg") == "start-up heap frozen"]
+    frozen = gw.proc.log_entries("start-up heap frozen")
     assert [line["process"] for line in frozen] == ["gateway"]
     assert frozen[0]["objects"] > 10_000, frozen

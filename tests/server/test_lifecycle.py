@@ -36,8 +36,7 @@ def wait_until(predicate, timeout: float) -> bool:
 
 
 def request_lines(server, status: int) -> list[dict]:
-    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("msg") == "request" and line.get("status") == status]
+    return [line for line in server.log_entries("request") if line.get("status") == status]
 
 
 def test_streaming_client_disconnect_aborts_in_the_engine(server):
@@ -244,7 +243,6 @@ def test_both_processes_freeze_their_start_up_heap(start_server):
     # Frozen objects are skipped by every later full collection (~170 ms for a real model's engine).
     server = start_server("--log-level", "debug")
     assert httpx.post(server.url + "/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
-    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-    frozen = {line["process"]: line["objects"] for line in lines if line.get("msg") == "start-up heap frozen"}
+    frozen = {line["process"]: line["objects"] for line in server.log_entries("start-up heap frozen")}
     assert set(frozen) == {"server", "engine"}
     assert min(frozen.values()) > 10_000, frozen
