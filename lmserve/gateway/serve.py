@@ -27,9 +27,8 @@ class _DrainingServer(uvicorn.Server):
         self.gateway = gateway
 
     async def startup(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
-        await super().startup(sockets)
-        if not self.should_exit:  # started: lifespan done, sockets bound
-            freeze_heap("gateway")
+        await super().startup(sockets)  # exits the process if the lifespan or the bind fails
+        freeze_heap("gateway")
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.gateway.is_draining:
