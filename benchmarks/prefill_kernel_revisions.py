@@ -28,6 +28,8 @@ import torch  # noqa: E402
 
 from benchmarks.engine_throughput import make_workloads  # noqa: E402
 from lmserve.engine import kernels  # noqa: E402
+from lmserve.engine.attention.base import SequenceSlice  # noqa: E402
+from lmserve.engine.attention.torch_backend import block_tables  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 8, 2, 64, 16
 STEP_TOKENS = 4096
@@ -60,15 +62,14 @@ def make_calls(lengths: list[int]) -> tuple[torch.Tensor, list[tuple]]:
         tokens = sum(step)
         # Query rows strided like the engine's view into its fused q/k/v projection.
         query = torch.randn(tokens, HEADS + 2 * KV_HEADS, HEAD_DIM)[:, :HEADS]
-        width = max(-(-n // BLOCK) for n in step)
-        layout, tables, start = [], [], 0
+        slices, start = [], 0
         for n in step:
             blocks = order[used : used + -(-n // BLOCK)]
             used += len(blocks)
-            tables.append(blocks + [0] * (width - len(blocks)))
-            layout.append([start, n, n])
+            slices.append(SequenceSlice(start, n, n, blocks))
             start += n
-        calls.append((query, torch.tensor(layout), torch.tensor(tables), torch.empty(tokens, HEADS * HEAD_DIM)))
+        layout = torch.tensor([(s.query_start, s.query_len, s.context_len) for s in slices])
+        calls.append((query, layout, block_tables(slices), torch.empty(tokens, HEADS * HEAD_DIM)))
     return cache, calls
 
 
