@@ -1,7 +1,8 @@
 """The gateway as one raw ASGI application (no framework routing on the hot path).
 
 `Gateway` owns every component, creates the I/O-bound ones at lifespan start-up and closes them at
-shutdown; nothing lives in module globals. Routes: `POST /v1/*` (proxied), `GET /v1/models`,
+shutdown; nothing lives in module globals. Routes: the OpenAI routes of routes.py (`POST
+/v1/chat/completions` and `/v1/completions` proxied; any other `/v1/` path is a 404), `GET /v1/models`,
 `/admin/*`, `GET /health` (liveness), `GET /ready` (readiness: 503 while draining or when no model
 has an available backend), `GET /metrics`.
 """
@@ -28,6 +29,7 @@ from lmserve.gateway.proxy import Forwarder
 from lmserve.gateway.ratelimit import MemoryRateLimiter, RateLimiter
 from lmserve.gateway.redact import Redactor
 from lmserve.gateway.router import Router
+from lmserve.gateway.routes import FORWARDED, LOCAL
 from lmserve.gateway.tracing import Tracer, tracer_from_env
 from lmserve.gateway.upstream import UpstreamPool
 
@@ -82,7 +84,7 @@ class Gateway:
             self.cache = RedisCache(self.redis, max_age) if self.redis is not None else MemoryCache(
                 config.cache.max_entries, max_age)
         self.ledger = UsageLedger(store, config.ledger_flush_interval)
-        forwarder = Forwarder(config, self.router, self.upstream, self.redactor, self._on_complete)
+        forwarder = Forwarder(config, self.router, self.upstream, self.redactor, self._on_complete, self.metrics)
         self.handler = ProxyHandler(config, self.router, forwarder, auth, self.limiter, self.cache, self.ledger,
                                     self.metrics, self.tracer)
         self.admin = AdminAPI(config.admin_key, store, auth, self.router)
@@ -108,7 +110,7 @@ class Gateway:
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             handler = self.handler
-            if handler is not None and scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+            if handler is not None and scope["method"] == "POST" and scope["path"] in FORWARDED:
                 await handler(scope, receive, send)  # the hot path, tested first
             else:
                 await self._http(scope, receive, send)
@@ -119,7 +121,10 @@ class Gateway:
         path: str = scope["path"]
         method: str = scope["method"]
         if path.startswith("/v1/"):
-            if method == "GET" and path == "/v1/models" and self.handler is not None:
+            route = FORWARDED.get(path) or LOCAL.get(path)
+            if route is None:
+                await send_error(send, not_found(f"No route {method} {path}."))
+            elif method == "GET" and path == "/v1/models" and self.handler is not None:
                 await self._models(scope, send)
             else:
                 await send_error(send, GatewayError(405, f"{method} {path} is not supported.",

@@ -83,7 +83,9 @@ class TimeoutsConfig:
     connect: float = 2.0
     """TCP connect to a backend."""
     first_byte: float = 60.0
-    """From sending the request to the response head (a stuck backend is abandoned after this)."""
+    """Streams only: from sending the request to the first body byte (a stream that stays silent longer
+    gets a 504; it is not retried, as the backend may be working on it). Non-streamed requests wait up to
+    `total`."""
     total: float = 600.0
     """Whole request including streaming."""
 

@@ -35,6 +35,7 @@ from lmserve.gateway.metrics import GatewayMetrics
 from lmserve.gateway.proxy import Forwarder, PassThrough, ProxyRequest, ProxyResult, response_headers
 from lmserve.gateway.ratelimit import RateLimiter, has_limits, limit_headers, refusal
 from lmserve.gateway.router import Router
+from lmserve.gateway.routes import FORWARDED
 from lmserve.gateway.tracing import Tracer
 from lmserve.gateway.validation import body_too_large, parse_json, prompt_text, validate
 
@@ -182,7 +183,8 @@ class ProxyHandler:
     async def _admit(self, scope: dict[str, Any], headers: dict[bytes, bytes], raw: bytes, request_id: bytes,
                      span: Any, result: ProxyResult) -> ProxyRequest:
         principal = await self.auth.authenticate(headers.get(b"authorization"))
-        path = scope["path"].encode()
+        route = FORWARDED[scope["path"]]  # the app sends only these paths here
+        path = route.upstream_path  # never the client's bytes (request smuggling)
         body = parse_json(raw)
         model = validate(path, body, self.limits)
         pool = self.router.resolve(model)
@@ -207,7 +209,8 @@ class ProxyHandler:
         if pool.config.strategy == "prefix_affinity":
             affinity = session.decode("latin-1") if session else prompt_text(body, pool.config.prefix_chars)
         req = ProxyRequest(request_id, path, raw, body, principal, pool, is_stream, wants_usage, affinity, extra,
-                           priority=_priority(headers.get(b"x-priority"), principal))
+                           priority=_priority(headers.get(b"x-priority"), principal),
+                           is_idempotent=route.is_idempotent)
         if span is not None:
             req.upstream_headers.append((b"traceparent", self.tracer.traceparent(span)))  # type: ignore[union-attr]
         return req

@@ -8,12 +8,18 @@ the first body message and writes both at once; the client cannot tell the diffe
 byte of a response is useful before its first body byte. uvicorn still owns the sockets, TLS,
 lifespan, signals and graceful shutdown (`shutdown()` below is its hook).
 
+Hostile input: control bytes are refused anywhere in the request target, raw (llhttp rejects them)
+or percent-encoded (`%00`-`%1F`, `%7F`: a decoded CR LF in a path could otherwise end up in a
+header or request line further on), and in header names and values (llhttp again; HTAB is the one
+control byte HTTP allows in a value). A client that takes longer than `body_timeout` to send its
+body after its head gets a 408 and the connection closes. Every refusal is an OpenAI error body.
+
 What it does: keep-alive with an idle timeout; pipelined requests answered in order (at most
 `_MAX_PIPELINE` queued before reading pauses); request bodies streamed to `receive()` with read
 back-pressure; `Expect: 100-continue`; chunked responses when the app gives no content-length
 (close-delimited for HTTP/1.0 clients); HEAD; write back-pressure; `http.disconnect` when the client
-leaves or after the response; 400 on a malformed request, 431 on oversized headers, 500 when the app
-fails before its response starts. No upgrades (WebSocket; an `Upgrade` request is answered as plain
+leaves or after the response; 400 on a malformed request, 431 on oversized headers, 408 on a body too
+slow, 500 when the app fails before its response starts. No upgrades (WebSocket; an `Upgrade` request is answered as plain
 HTTP, then the connection closes), no HTTP/2.
 
 Invariant: `active` is the request whose app task runs (at most one per connection); `pending` holds
@@ -34,6 +40,7 @@ from urllib.parse import unquote
 import httptools
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
+from lmserve.gateway.errors import error_body
 from lmserve.gateway.waiter import Waiter
 
 log = logging.getLogger("lmserve.gateway")
@@ -44,6 +51,11 @@ _MAX_PIPELINE = 16
 _MAX_HEAD_BYTES = 64 * 1024
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_ENCODED_CONTROL = re.compile(rb"%(?:[01][0-9A-Fa-f]|7[Ff])")
+"""A percent-encoded C0 control byte or DEL (raw ones never get past llhttp)."""
+_ERROR_KINDS = {400: ("invalid_request_error", "malformed_request"), 408: ("invalid_request_error", "request_timeout"),
+                431: ("invalid_request_error", "request_header_fields_too_large"),
+                500: ("server_error", "internal_error")}
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
@@ -51,9 +63,21 @@ def _status_line(status: int) -> bytes:
     return _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
 
 
-def _plain_response(status: int, text: bytes) -> bytes:
-    return (_status_line(status) + b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
-            b"content-length: " + str(len(text)).encode() + b"\r\n\r\n" + text)
+def _error_response(status: int, message: str) -> bytes:
+    """A whole response with an OpenAI error body; the connection closes after it."""
+    type_, code = _ERROR_KINDS[status]
+    body = error_body(message, type_, code)
+    return (_status_line(status) + b"content-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+class _Refusal(Exception):
+    """Raised from a parser callback to stop parsing and refuse the request."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class _Cycle:
@@ -104,7 +128,7 @@ class _Cycle:
         self.is_response_complete = True
         transport = self.proto.transport
         if not self.is_response_started or self.head is not None:
-            transport.write(_plain_response(500, b"Internal Server Error"))
+            transport.write(_error_response(500, "Internal gateway error."))
         transport.close()
 
     # ASGI
@@ -207,6 +231,17 @@ class _Cycle:
 class HTTP11Protocol(asyncio.Protocol):
     """One client connection. Constructed by uvicorn (`uvicorn.Config(app, http=HTTP11Protocol)`)."""
 
+    body_timeout: float | None = None
+    """Seconds a client may take from the end of a request head to the end of its body (None: no
+    limit). Set on a subclass made by `with_body_timeout`, since uvicorn constructs the protocol."""
+
+    @classmethod
+    def with_body_timeout(cls, seconds: float) -> type[HTTP11Protocol]:
+        """This protocol with a body read timeout, for `uvicorn.Config(http=...)`."""
+        if seconds <= 0:
+            raise ValueError(f"the body read timeout must be > 0 seconds, got {seconds}")
+        return type("HTTP11ProtocolWithBodyTimeout", (cls,), {"body_timeout": float(seconds)})
+
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         if not config.loaded:
@@ -234,6 +269,8 @@ class HTTP11Protocol(asyncio.Protocol):
         """Woken when the transport's write buffer has room again."""
         self.idle_timer: asyncio.TimerHandle | None = None
         self.idle_since = 0.0
+        self.body_timer: asyncio.TimerHandle | None = None
+        """Armed while a request body is arriving over more than one read (never for a whole request in one)."""
         self.names: dict[bytes, bytes] = {}
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -257,6 +294,7 @@ class HTTP11Protocol(asyncio.Protocol):
         self.server_state.connections.discard(self)
         self.is_closing = True
         self._cancel_idle_timer()
+        self._cancel_body_timer()
         for cycle in (self.active, *self.pending, self.incoming):
             if cycle is not None and not cycle.is_response_complete:
                 cycle.is_disconnected = True
@@ -275,16 +313,21 @@ class HTTP11Protocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             # Upgrades are not supported: the request itself is answered as plain HTTP (the app has it
             # already), then the connection closes.
-            self._refuse(400, b"Protocol upgrades are not supported.")
-        except httptools.HttpParserError:
-            self._refuse(431 if self._head_bytes > _MAX_HEAD_BYTES else 400, b"Malformed HTTP request.")
+            self._refuse(400, "Protocol upgrades are not supported.")
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _Refusal):  # raised by one of our callbacks
+                self._refuse(exc.__context__.status, exc.__context__.message)
+            else:
+                self._refuse(431 if self._head_bytes > _MAX_HEAD_BYTES else 400, "Malformed HTTP request.")
         else:
+            if self.incoming is not None and self.body_timer is None and self.body_timeout is not None:
+                self.body_timer = self.loop.call_later(self.body_timeout, self._on_body_timeout)
             if was_in_head and self._in_head and not self._message_began:
                 # This chunk lies wholly inside one request head: a header line that never ends is
                 # refused here, before httptools has passed any of it on.
                 self._head_chunk_bytes += len(data)
                 if self._head_chunk_bytes > _MAX_HEAD_BYTES:
-                    self._refuse(431, b"Request head too large.")
+                    self._refuse(431, "Request head too large.")
 
     def pause_writing(self) -> None:
         self.is_write_paused = True
@@ -318,6 +361,8 @@ class HTTP11Protocol(asyncio.Protocol):
         self._in_head = False
         parser = self.parser
         url = self._url
+        if b"%" in url and _ENCODED_CONTROL.search(url):
+            raise _Refusal(400, "The request target contains an encoded control character.")
         if url[:1] == b"/":
             raw_path, _, query = url.partition(b"?")
         else:  # absolute form: http://host/path?query
@@ -356,6 +401,8 @@ class HTTP11Protocol(asyncio.Protocol):
         if cycle is None:
             return
         self.incoming = None
+        if self.body_timer is not None:
+            self._cancel_body_timer()
         cycle.is_body_complete = True
         cycle.waiter.wake()
 
@@ -399,7 +446,7 @@ class HTTP11Protocol(asyncio.Protocol):
         if self._head_bytes > _MAX_HEAD_BYTES:
             raise httptools.HttpParserError("request head too large")
 
-    def _refuse(self, status: int, text: bytes) -> None:
+    def _refuse(self, status: int, message: str) -> None:
         """A request that cannot be parsed: answered when no response is in progress, then the connection closes."""
         self.is_closing = True
         self.is_refused = True
@@ -408,7 +455,7 @@ class HTTP11Protocol(asyncio.Protocol):
         self._pause_reading()
         active = self.active
         if active is None:
-            self.transport.write(_plain_response(status, text))
+            self.transport.write(_error_response(status, message))
             self.transport.close()
         elif active.is_body_complete:
             active.keep_alive = False  # its response goes out, then the connection closes
@@ -427,6 +474,27 @@ class HTTP11Protocol(asyncio.Protocol):
             if len(self.names) < 256:
                 self.names[name] = lower
         return lower
+
+    def _on_body_timeout(self) -> None:
+        """The incoming request's body did not arrive in time: 408 if its app has not answered, then close."""
+        self.body_timer = None
+        cycle = self.incoming
+        if cycle is None or self.is_closing:
+            return
+        log.info("request body not received within %ss: closing the connection", self.body_timeout)
+        if cycle is self.active and not cycle.is_response_started:
+            self.transport.write(_error_response(408, "The request body was not received in time."))
+        self.is_closing = True
+        for waiting in (self.active, *self.pending, cycle):
+            if waiting is not None and not waiting.is_response_complete:
+                waiting.is_disconnected = True
+                waiting.waiter.wake()
+        self.transport.close()
+
+    def _cancel_body_timer(self) -> None:
+        if self.body_timer is not None:
+            self.body_timer.cancel()
+            self.body_timer = None
 
     def _arm_idle_timer(self, delay: float) -> None:
         # One timer per connection, not one per request: when it fires it checks how long the

@@ -92,8 +92,9 @@ class GatewayMetrics:
         self.requests = HotCounter("lmserve_gateway_requests", "Requests answered, by model, backend and status.",
                                    ("model", "backend", "status"))
         self.latency = HotHistogram("lmserve_gateway_request_duration_seconds", "Whole-request latency.", ("model",))
-        self.ttfb = HotHistogram("lmserve_gateway_upstream_ttfb_seconds", "Time to the backend's first byte.",
-                                 ("model", "backend"))
+        self.ttfb = HotHistogram("lmserve_gateway_upstream_ttfb_seconds",
+                                 "Seconds from sending a request to the backend's first body byte (streams: time "
+                                 "to first token; non-streamed answers: the whole generation).", ("model", "backend"))
         self.tokens = HotCounter("lmserve_gateway_tokens", "Tokens reported by backends.", ("model", "kind"))
         self.in_flight = HotCounter("lmserve_gateway_in_flight", "Requests in flight.", ("model",), is_gauge=True)
         r.register(_HotCollector([self.requests, self.latency, self.ttfb, self.tokens, self.in_flight]))

@@ -3,11 +3,21 @@
 Rules:
 - A request is retried (on another backend, within the retry budget and `max_attempts` per model;
   retries after a refused connection do not spend the budget, as no backend did any work)
-  only while no byte has gone to the client: connect errors, timeouts before the first byte,
-  retryable statuses (429/502/503/504 by default), and a backend that breaks off before its first
-  body byte (streams) or before the end of its body (non-streamed responses, which are read whole).
+  only while no byte has gone to the client: connect errors, retryable statuses (429/502/503/504 by
+  default), and a backend that closes or breaks off before its first body byte (streams) or before
+  the end of its body (non-streamed responses, which are read whole).
+- Timeouts: `timeouts.first_byte` bounds a stream's wait for its first body byte; a non-streamed
+  answer comes whole at the end of generation, so it waits up to `timeouts.total` (the handler's
+  guard). A request that a backend accepted and then timed out is not retried (the backend may
+  still be working on it) unless its route is idempotent and the retry budget allows.
 - When a model has no available backend or all its attempts fail, its fallback models are tried.
 - Once bytes went to the client, a broken backend ends the stream with an SSE error event.
+
+Time to first byte (`ProxyResult.ttfb`, the `upstream_ttfb` histogram): seconds from sending the
+request to the backend's first body byte. For a stream that is its first event (queueing plus
+prefill: time to first token); a non-streamed answer's body comes whole once generation ends, so
+there it is the whole generation. The `latency` strategy's EWMA takes only streamed samples, so it
+always means time to first token.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from lmserve.gateway.auth import Principal
 from lmserve.gateway.backends import Backend, ModelPool
 from lmserve.gateway.config import GatewayConfig
 from lmserve.gateway.errors import GatewayError, sse_error_event, unavailable
+from lmserve.gateway.metrics import GatewayMetrics
 from lmserve.gateway.redact import Redactor
 from lmserve.gateway.router import Router
 from lmserve.gateway.sse import EventSplitter, StreamTransform, event_payload, has_usage, parse_usage
@@ -54,6 +65,8 @@ class ProxyRequest:
     """Headers added to the backend request (trace context)."""
     cache_key: str | None = None
     """Set when the response may be cached."""
+    is_idempotent: bool = False
+    """The route may be sent again after a backend accepted it and timed out (routes.py)."""
 
 
 @dataclass(slots=True)
@@ -92,7 +105,9 @@ def response_headers(upstream: list[tuple[bytes, bytes]], extra: list[tuple[byte
 class Forwarder:
     def __init__(self, config: GatewayConfig, router: Router, upstream: UpstreamPool,
                  redactor: Redactor | None, on_complete: Callable[[ProxyRequest, ProxyResult, bytes | None],
-                                                                  Awaitable[None]]) -> None:
+                                                                  Awaitable[None]],
+                 metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
         self.timeouts = config.timeouts
         self.retries = config.retries
         self.retry_statuses = frozenset(config.retries.retry_on_status)
@@ -122,14 +137,18 @@ class Forwarder:
                     is_free = last is not None and last.is_connect
                     if not is_free and not self.router.retry_budget.try_retry():
                         backend.breaker.cancel()
+                        self.metrics.retry_budget_exhausted.inc()
                         return self._give_up(last, budget_spent=True)
                     result.num_retries += 1
                 num_attempts += 1
                 try:
                     await self._attempt(req, pool, backend, body, send, result)
-                    return None
                 except _Retry as retry:
                     last = retry
+                    continue
+                if pool is not req.pool:
+                    self.metrics.fallbacks.labels(req.pool.name, pool.name).inc()
+                return None
         return self._give_up(last, budget_spent=False)
 
     @staticmethod
@@ -167,17 +186,16 @@ class Forwarder:
         started = time.monotonic()
         backend.begin()
         outcome: bool | None = None  # None: says nothing about the backend (client went away)
-        ttfb = None
+        result.ttfb = None
         try:
             try:
                 response = await self.upstream.request(backend.url, b"POST", req.path,
                                                        self._request_headers(req, backend), body,
-                                                       self.timeouts.connect, self.timeouts.first_byte)
+                                                       self.timeouts.connect,
+                                                       self.timeouts.first_byte if req.is_stream else None)
             except UpstreamError as exc:
                 outcome = False
-                raise _Retry(504 if exc.is_timeout else 502, str(exc), None,
-                             is_connect=exc.is_connect and not exc.is_timeout) from None
-            ttfb = time.monotonic() - started
+                raise self._failure(req, exc, "") from None
             try:
                 result.model, result.backend = pool.name, backend.url
                 if response.status in self.retry_statuses:
@@ -186,8 +204,9 @@ class Forwarder:
                                  await self._read_error(response))
                 outcome = False
                 if req.is_stream and response.status == 200:
-                    await self._relay_stream(req, response, send, result)
+                    await self._relay_stream(req, response, send, result, started)
                 else:
+                    result.ttfb = time.monotonic() - started
                     await self._relay_whole(req, response, send, result)
                 outcome = result.status < 500
             except asyncio.CancelledError:
@@ -196,8 +215,18 @@ class Forwarder:
             finally:
                 response.release()
         finally:
-            result.ttfb = ttfb
-            backend.end(outcome, ttfb if outcome else None)
+            # Only streamed samples feed the latency EWMA: they measure time to first token.
+            backend.end(outcome, result.ttfb if outcome and req.is_stream else None)
+
+    def _failure(self, req: ProxyRequest, exc: UpstreamError, context: str) -> Exception:
+        """What an upstream failure before the first client byte becomes: a retry, or (a backend
+        that accepted the request, then timed out) a final 504 unless the route is idempotent."""
+        if exc.is_timeout and not exc.is_connect and not req.is_idempotent:
+            return GatewayError(504, f"The backend sent no first byte within {self.timeouts.first_byte}s "
+                                "(timeouts.first_byte); not retried, as it may be working on the request.",
+                                "upstream_error", "upstream_timeout")
+        return _Retry(504 if exc.is_timeout else 502, f"{context}{exc}", None,
+                      is_connect=exc.is_connect and not exc.is_timeout)
 
     async def _read_error(self, response: UpstreamResponse) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
         try:
@@ -234,14 +263,16 @@ class Forwarder:
         return data
 
     async def _relay_stream(self, req: ProxyRequest, response: UpstreamResponse, send: Send,
-                            result: ProxyResult) -> None:
+                            result: ProxyResult, started: float) -> None:
+        # One first-byte deadline from sending the request, whether the head came late or early.
+        remaining = max(0.0, self.timeouts.first_byte - (time.monotonic() - started))
         try:
-            first = await response.first_chunk(self.timeouts.first_byte)
+            first = await response.first_chunk(remaining)
         except UpstreamError as exc:
-            raise _Retry(504 if exc.is_timeout else 502, f"backend broke off before its first byte: {exc}",
-                         None) from None
+            raise self._failure(req, exc, "backend broke off before its first byte: ") from None
         if first is None:
             raise _Retry(502, "backend sent an empty stream", None)
+        result.ttfb = time.monotonic() - started
         result.status = 200
         headers = response_headers(response.headers, req.extra_headers)
         result.is_started = True

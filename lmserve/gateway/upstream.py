@@ -6,7 +6,9 @@ keep-alive pools per origin, a connect timeout, a first-byte timeout, and a body
 chunk as it arrives (SSE pass-through), with back-pressure.
 
 Invariant: a connection is in its origin's idle list only when its last response was read to the
-end, the server allowed keep-alive, and the socket is open.
+end, the server allowed keep-alive, the socket is open, and no byte arrived past that response. A
+byte past a response (a second response nobody asked for, as a request smuggled upstream would
+produce) closes the connection at once: reused, it would hand that response to the next request.
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ from lmserve.gateway.waiter import Waiter
 
 
 class UpstreamError(Exception):
-    """The backend could not be reached or broke the response. `is_connect` marks failures where
-    no request byte can have been processed (safe to retry anywhere)."""
+    """The backend could not be reached or broke the response.
 
-    def __init__(self, message: str, is_connect: bool = False, is_timeout: bool = False) -> None:
+    `is_connect`: no connection was made, so no request byte was sent (safe to retry anywhere, free).
+    `is_unanswered`: the request was sent and the connection closed before any response byte (the
+    backend may have started on it). `is_timeout`: a deadline passed."""
+
+    def __init__(self, message: str, is_connect: bool = False, is_timeout: bool = False,
+                 is_unanswered: bool = False) -> None:
         super().__init__(message)
         self.is_connect = is_connect
         self.is_timeout = is_timeout
+        self.is_unanswered = is_unanswered
 
 
 _HIGH_WATER = 256 * 1024
@@ -44,6 +51,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.is_open = False
         self.waiter = Waiter(loop)
+        self.idle_since = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -51,6 +59,8 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
+        self.is_receiving = False
+        """A byte of the current response arrived."""
         self.is_head_done = False
         self.is_keep_alive = False
         self.is_complete = False
@@ -63,6 +73,9 @@ class _Connection(asyncio.Protocol):
         self.is_open = True
 
     def data_received(self, data: bytes) -> None:
+        if self.is_complete:
+            self._discard()  # bytes after the response (or while idle in the pool)
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -73,9 +86,22 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_open = False
         if not self.is_complete:
-            self._fail(UpstreamError("backend closed the connection", is_connect=not self.is_head_done))
+            self._fail(UpstreamError("backend closed the connection", is_unanswered=not self.is_receiving))
+
+    def _discard(self) -> None:
+        """Never reuse this connection: its byte stream is out of step with its requests."""
+        self.is_open = False
+        if self.transport is not None:
+            self.transport.close()
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.is_complete:
+            # A second response in the same read as the first: raising stops the parser here.
+            self._discard()
+            raise UpstreamError("backend sent a response nobody asked for")
+        self.is_receiving = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
 
@@ -195,7 +221,8 @@ class UpstreamResponse:
         reusable = (conn.is_complete and conn.error is None and conn.is_open
                     and conn.is_keep_alive and not conn.chunks)
         if reusable and len(self._origin.idle) < self._pool.max_idle:
-            conn._reset()
+            # Not reset until taken: while idle, `is_complete` makes any byte that arrives close it.
+            conn.idle_since = conn.loop.time()
             self._origin.idle.append(conn)
         elif conn.transport is not None:
             conn.transport.close()
@@ -204,9 +231,13 @@ class UpstreamResponse:
 class UpstreamPool:
     """Keep-alive connection pools, one per backend origin (scheme, host, port)."""
 
-    def __init__(self, max_idle_per_origin: int = 256) -> None:
+    def __init__(self, max_idle_per_origin: int = 256, max_idle_seconds: float = 4.0) -> None:
         self._origins: dict[str, _Origin] = {}
         self.max_idle = max_idle_per_origin
+        self.max_idle_seconds = max_idle_seconds
+        """Idle connections older than this are closed rather than reused: below the 5 s keep-alive
+        of uvicorn-based servers (lmserve, vLLM), so a request rarely goes out on a connection that
+        the backend is closing (a POST that meets that race is not resent here; see `request`)."""
 
     def _origin(self, base_url: str) -> _Origin:
         origin = self._origins.get(base_url)
@@ -232,16 +263,28 @@ class UpstreamPool:
         return conn
 
     def _take_idle(self, origin: _Origin) -> _Connection | None:
-        while origin.idle:
-            conn = origin.idle.pop()
+        idle = origin.idle
+        while idle:
+            conn = idle.pop()  # the most recently released one
+            if conn.loop.time() - conn.idle_since > self.max_idle_seconds:
+                for stale in (conn, *idle):  # released earlier still: all too old
+                    if stale.transport is not None:
+                        stale.transport.close()
+                idle.clear()
+                return None
             if conn.is_open and conn.transport is not None and not conn.transport.is_closing():
+                conn._reset()
                 return conn
         return None
 
     async def request(self, base_url: str, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]],
-                      body: bytes, connect_timeout: float, first_byte_timeout: float) -> UpstreamResponse:
-        """Sends a request and waits for the response head. A reused connection that turns out to be
-        closed by the backend is retried once on a fresh one (the request cannot have been processed)."""
+                      body: bytes, connect_timeout: float, head_timeout: float | None) -> UpstreamResponse:
+        """Sends a request and waits for the response head, at most `head_timeout` seconds (None: no
+        limit here; the caller bounds the whole request). A GET on a reused keep-alive connection that
+        the backend closed without answering is resent once on a fresh one (the race of a backend
+        closing an idle connection as a request goes out). Other methods are not resent here: the
+        backend may have read the request before closing, so the caller's retry budget decides.
+        `path` must be a constant route path (routes.py): it is written into the request line as it is."""
         origin = self._origin(base_url)
         for attempt in range(2):
             conn = self._take_idle(origin) if attempt == 0 else None
@@ -250,11 +293,11 @@ class UpstreamPool:
                 conn = await self._connect(origin, connect_timeout)
             self._send(conn, origin, method, path, headers, body)
             try:
-                await self._wait_head(conn, first_byte_timeout)
+                await self._wait_head(conn, head_timeout)
             except UpstreamError as exc:
                 if conn.transport is not None:
                     conn.transport.close()
-                if is_reused and exc.is_connect and not exc.is_timeout:
+                if is_reused and exc.is_unanswered and method == b"GET":
                     continue
                 raise
             except BaseException:
@@ -278,16 +321,17 @@ class UpstreamPool:
         conn.transport.write(b"".join(lines))
 
     @staticmethod
-    async def _wait_head(conn: _Connection, timeout: float) -> None:
+    async def _wait_head(conn: _Connection, timeout: float | None) -> None:
         # A timer handle is much cheaper than asyncio.wait_for (no extra task per request).
-        timer = conn.loop.call_later(timeout, conn.on_head_timeout)
+        timer = conn.loop.call_later(timeout, conn.on_head_timeout) if timeout is not None else None
         try:
             while not conn.is_head_done:
                 if conn.error is not None:
                     raise conn.error
                 await conn.waiter.wait()
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def close(self) -> None:
         for origin in self._origins.values():

@@ -9,6 +9,7 @@ number of content chunks) and `stream_options.include_usage` like OpenAI. Every 
   status, fail_count  answer `status` to the next `fail_count` requests (-1: all)
   delay               seconds before answering
   chunk_delay         seconds between streamed chunks
+  first_chunk_delay   seconds between a stream's head and its first chunk (queueing + prefill)
   content, chunk_chars  completion text and how many characters go in each chunk
   health, ready       statuses of /health and /ready (ready 404 = no readiness endpoint)
   hang_body           answer the head of a non-streamed response, then stall
@@ -26,7 +27,7 @@ import time
 from aiohttp import web
 
 DEFAULTS = {"status": None, "fail_count": 0, "delay": 0.0, "chunk_delay": 0.0, "content": "Hello from the fake",
-            "chunk_chars": 4, "health": 200, "ready": 200, "hang_body": False}
+            "chunk_chars": 4, "health": 200, "ready": 200, "hang_body": False, "first_chunk_delay": 0.0}
 
 
 class FakeBackend:
@@ -118,6 +119,8 @@ class FakeBackend:
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk" if is_chat else "text_completion",
                 "created": int(time.time()), "model": body.get("model")}
         try:
+            if self.state["first_chunk_delay"]:
+                await asyncio.sleep(self.state["first_chunk_delay"])
             for i, piece in enumerate(pieces):
                 last = i == len(pieces) - 1
                 choice = ({"index": 0, "delta": {"content": piece}, "finish_reason": "stop" if last else None}

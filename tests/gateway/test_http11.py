@@ -218,11 +218,13 @@ def test_malformed_requests_get_an_error_and_close(server: str, request_bytes: b
         sock.sendall(request_bytes)
         data = _recv_until_closed(sock)
     assert data.startswith(b"HTTP/1.1 " + status) and b"connection: close" in data
+    error = orjson.loads(data.partition(b"\r\n\r\n")[2])["error"]
+    assert set(error) == {"message", "type", "param", "code"}
 
 
 def test_app_errors_give_500_without_details(server: str) -> None:
     response = httpx.get(f"http://{server}/error")
-    assert response.status_code == 500 and response.text == "Internal Server Error"
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
     assert "secret" not in response.text
     for path, leak in ((b"/bad-header", b"evil"), (b"/too-long", b"abc")):
         with _connect(server) as sock:

@@ -72,8 +72,8 @@ def test_openai_sdk_non_stream_and_stream_with_usage_counted_once(backends, gate
     assert (row["prompt_tokens"], row["completion_tokens"]) == (30, 15)  # each request once, streams too
 
 
-def distribution(gw, key, model: str, n: int, headers=None) -> Counter:
-    return Counter(chat(gw.url, key, model, headers=headers).headers["x-backend-name"] for _ in range(n))
+def distribution(gw, key, model: str, n: int, headers=None, **body) -> Counter:
+    return Counter(chat(gw.url, key, model, headers=headers, **body).headers["x-backend-name"] for _ in range(n))
 
 
 def test_every_strategy_distributes_as_designed(backends, gateway_factory, tmp_path: Path) -> None:
@@ -102,10 +102,13 @@ def test_every_strategy_distributes_as_designed(backends, gateway_factory, tmp_p
                          ).headers["x-backend-name"] for i in range(5)}
     assert len(prompt_owner) == 1  # first 32 characters are equal
 
-    # latency: a is slow to answer, so after it has been measured b gets (nearly) everything.
-    a.control(delay=0.15)
-    distribution(gw, key, "lat", 6)
-    assert distribution(gw, key, "lat", 20)["b"] >= 18
+    # latency: a is slow to its first token (its stream head comes at once, as lmserve's does), so
+    # after it has been measured b gets (nearly) everything: time to first byte is the first body
+    # byte, not the response head.
+    a.control(first_chunk_delay=0.15)
+    distribution(gw, key, "lat", 6, stream=True)
+    assert distribution(gw, key, "lat", 20, stream=True)["b"] >= 18
+    a.control(first_chunk_delay=0.0, delay=0.15)
 
     # least_outstanding under concurrency: slow a keeps requests, so b takes most.
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -276,20 +279,27 @@ def test_stream_is_passed_through_chunk_by_chunk(backends, gateway_factory, tmp_
     assert rest[-1] == "data: [DONE]" and len(rest) == 8
 
 
-def test_timeouts_first_byte_then_total(backends, gateway_factory, tmp_path: Path) -> None:
+def test_timeouts_first_byte_for_streams_then_total(backends, gateway_factory, tmp_path: Path) -> None:
     slow, fast = backends("slow"), backends("fast")
-    slow.control(delay=3.0)
+    slow.control(delay=1.0)
     config = base_config(tmp_path, [{"name": "m", "backends": [{"url": slow.url}, {"url": fast.url}]},
                                     {"name": "alone", "backends": [{"url": slow.url}]},
                                     {"name": "stuck", "backends": [{"url": fast.url}]}],
-                         timeouts={"connect": 1.0, "first_byte": 1.0, "total": 2.0})
+                         timeouts={"connect": 1.0, "first_byte": 0.5, "total": 3.0})
     gw = gateway_factory(config)
     key = gw.create_key()
-    # A backend silent past the first-byte timeout is abandoned and the request retried elsewhere.
-    names = [chat(gw.url, key).headers.get("x-backend-name") for _ in range(2)]
-    assert names == ["fast", "fast"]
+    # A non-streamed answer comes whole at the end of generation: it waits for the total timeout,
+    # not the first-byte one (issue 14, item 10).
     alone = chat(gw.url, key, "alone")
-    assert alone.status_code == 504 and alone.json()["error"]["type"] == "upstream_error"
+    assert alone.status_code == 200, alone.text
+    # A stream whose backend accepted it and stays silent past first_byte gets a 504, and is not
+    # retried on the other backend (the first one may still be generating it).
+    fast.reset()
+    streams = [chat(gw.url, key, stream=True) for _ in range(2)]
+    assert sorted(r.status_code for r in streams) == [200, 504], [r.text for r in streams]
+    timed_out = next(r for r in streams if r.status_code == 504)
+    assert timed_out.json()["error"]["code"] == "upstream_timeout"
+    assert fast.stats()["completions"] == 1
     # Head in time, then a body that never ends: the total timeout ends it with a 504.
     fast.control(hang_body=True)
     stuck = chat(gw.url, key, "stuck")

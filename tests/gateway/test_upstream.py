@@ -91,3 +91,68 @@ def test_errors_connect_head_timeout_and_broken_body() -> None:
         broken.close()
 
     asyncio.run(run())
+
+
+def test_bytes_past_a_response_close_the_connection() -> None:
+    """A backend that writes a second response nobody asked for (as a request smuggled upstream would
+    produce), in the same write or later while the connection sits idle: that connection is never
+    reused, so the extra response never reaches the next request."""
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"
+    smuggled = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nSMUGGLED"
+
+    async def run() -> None:
+        is_late_sent = asyncio.Event()
+        saw_eof = asyncio.Event()
+        connections: list[int] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(1)
+            number = len(connections)
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+            if number == 1:
+                writer.write(ok + smuggled)  # in the same write
+            elif number == 2:
+                writer.write(ok)
+                await writer.drain()
+                await is_late_sent.wait()
+                writer.write(smuggled)  # later, while the connection is idle in the pool
+                is_late_sent.clear()
+            else:
+                writer.write(ok)
+            await writer.drain()
+            if await reader.read() == b"":
+                saw_eof.set()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pool = UpstreamPool()
+        for number in (1, 2, 3):
+            response = await pool.request(url, b"POST", b"/x", [], b"{}", 1, 1)
+            assert await response.read() == b"a"
+            response.release()
+            if number == 2:
+                is_late_sent.set()
+                await asyncio.wait_for(saw_eof.wait(), 10)  # the pool closed the idle connection
+        assert len(connections) == 3  # no connection was reused
+        pool.close()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_connection_closed_before_any_reply_is_unanswered_not_connect() -> None:
+    async def run() -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        with pytest.raises(UpstreamError) as closed:
+            await UpstreamPool().request(url, b"POST", b"/x", [], b"{}", 1, None)
+        # The request went out: retrying it is not free (it spends the retry budget).
+        assert closed.value.is_unanswered and not closed.value.is_connect
+        server.close()
+
+    asyncio.run(run())

@@ -1,8 +1,13 @@
 """Power of two choices on the EWMA of time to first byte (weighted by outstanding requests).
 
-Two random candidates are compared on `ewma_ttfb * (1 + outstanding)`; an unmeasured backend scores
-0 so new backends get tried. Two choices rather than the global minimum keep a fast backend from
-being flooded by every gateway replica at once.
+Two random candidates are compared on `ewma_ttfb * (1 + outstanding)`, ties broken by outstanding
+requests; an unmeasured backend scores 0 so new backends get tried. Two choices rather than the
+global minimum keep a fast backend from being flooded by every gateway replica at once.
+
+`ewma_ttfb` is fed by streamed requests only: the seconds from sending a request to the first body
+byte, i.e. time to first token (proxy.py). A non-streamed answer's first byte comes only when its
+whole generation is done, which measures output length more than backend speed; with no streamed
+traffic every backend scores 0 and the choice is by outstanding requests.
 """
 
 from __future__ import annotations
@@ -28,4 +33,6 @@ class LatencyStrategy:
             return candidates[0]
         a, b = self.rng.sample(range(len(candidates)), 2)
         first, second = candidates[a], candidates[b]
-        return first if _score(first) <= _score(second) else second
+        if (_score(first), first.num_outstanding) <= (_score(second), second.num_outstanding):
+            return first
+        return second
