@@ -8,6 +8,7 @@
   GET    /admin/backends              pools and backend state
   POST   /admin/backends              add {model, url, weight?, api_key?}
   POST   /admin/backends/drain        {model, url}: no new requests, in-flight ones finish
+  POST   /admin/backends/undrain      {model, url}: a drained backend takes new requests again
   POST   /admin/backends/remove       {model, url} (also DELETE /admin/backends with that body)
   GET    /admin/health                backend health, readiness and breaker states
 """
@@ -114,6 +115,8 @@ class AdminAPI:
                 return 201, self.router.add_backend(model, config).describe()
             if action == ["drain"]:
                 return 200, self.router.drain_backend(model, url).describe()
+            if action == ["undrain"]:
+                return 200, self.router.undrain_backend(model, url).describe()
             if action == ["remove"] or (action == [] and method == "DELETE"):
                 return 200, {**self.router.remove_backend(model, url).describe(), "removed": True}
         except KeyError as exc:

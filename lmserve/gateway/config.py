@@ -7,6 +7,7 @@ Every field is validated in `__post_init__` with a `ValueError` a user can act o
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,9 @@ class TimeoutsConfig:
     `total`."""
     total: float = 600.0
     """Whole request including streaming."""
+    client_body: float = 30.0
+    """Seconds a client may take to send its request body after its head; a slower client gets a 408 and
+    its connection closes (a slow-body client cannot hold a connection forever)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -184,6 +188,11 @@ class CacheConfig:
     max_entries: int = 10_000
     """In-process LRU size (Redis relies on its own memory policy)."""
 
+    def __post_init__(self) -> None:
+        _positive("cache.ttl", self.ttl)
+        _positive("cache.stale_ttl", self.stale_ttl, allow_zero=True)
+        _positive("cache.max_entries", self.max_entries)
+
 
 @dataclass
 class RedactionConfig:
@@ -196,6 +205,14 @@ class RedactionConfig:
     max_match_chars: int = 128
     """Longest match expected; streams hold back this many characters per choice."""
 
+    def __post_init__(self) -> None:
+        _positive("redaction.max_match_chars", self.max_match_chars)
+        for i, pattern in enumerate(self.patterns):
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as exc:
+                raise ValueError(f"redaction.patterns[{i}] {pattern!r} is not a valid Python regex: {exc}") from None
+
 
 @dataclass
 class SheddingConfig:
@@ -207,6 +224,12 @@ class SheddingConfig:
     """Fraction of max_in_flight that normal-priority requests may fill."""
     low: float = 0.5
     """Fraction of max_in_flight that low-priority requests may fill (they are shed first)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not 0 < value <= 1:
+                raise ValueError(f"shedding.{f.name} must be a fraction in (0, 1], got {value}")
 
 
 @dataclass
@@ -225,6 +248,11 @@ class LimitsConfig:
     """RPM for principals without one."""
     default_tpm: int | None = None
     """TPM for principals without one."""
+
+    def __post_init__(self) -> None:
+        # A zero window would make every limit meaningless (it used to switch limits off silently).
+        for f in fields(self):
+            _positive(f"limits.{f.name}", getattr(self, f.name))
 
 
 @dataclass
@@ -292,6 +320,9 @@ class GatewayConfig:
             raise ValueError("tls_certfile and tls_keyfile go together")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1-65535, got {self.port}")
+        _positive("drain_seconds", self.drain_seconds, allow_zero=True)
+        _positive("key_cache_ttl", self.key_cache_ttl, allow_zero=True)
+        _positive("ledger_flush_interval", self.ledger_flush_interval)
 
 
 _NESTED = {
@@ -312,7 +343,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a value of the wrong type met a check (`window_seconds: abc`)
+        raise ValueError(f"{where}: a setting has a value of the wrong type: {exc}") from None
 
 
 def config_from_dict(data: dict[str, Any]) -> GatewayConfig:

@@ -133,6 +133,12 @@ class Router:
         backend.is_draining = True
         return backend
 
+    def undrain_backend(self, model: str, url: str) -> Backend:
+        """Takes a drained backend back into routing (the last step of drain and roll)."""
+        backend = self._backend(model, url)
+        backend.is_draining = False
+        return backend
+
     def remove_backend(self, model: str, url: str) -> Backend:
         """Removes at once from routing; requests already sent to it finish."""
         pool = self._pool(model)

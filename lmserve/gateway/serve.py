@@ -37,17 +37,25 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def uvicorn_config(config: GatewayConfig, gateway: Gateway) -> uvicorn.Config:
+    """uvicorn's settings for `gateway`: our HTTP/1.1 protocol with the client body timeout, and the
+    drain time as given (a fraction of a second included)."""
+    return uvicorn.Config(
+        gateway, host=config.host, port=config.port, loop="uvloop",
+        http=HTTP11Protocol.with_body_timeout(config.timeouts.client_body), lifespan="on",
+        access_log=False, log_config=None, log_level=config.log_level, backlog=4096,
+        ssl_certfile=config.tls_certfile, ssl_keyfile=config.tls_keyfile,
+        # uvicorn annotates this as int, but only hands it to asyncio.timeout(), which takes a float:
+        # int() made `drain_seconds: 0.5` cut every in-flight request at once.
+        timeout_graceful_shutdown=config.drain_seconds,  # type: ignore[arg-type]
+        timeout_keep_alive=30, proxy_headers=False, server_header=False, date_header=False,
+    )
+
+
 def run_gateway(config: GatewayConfig) -> None:
     setup_logging(config.log_level)
     gateway = create_app(config)
-    uv_config = uvicorn.Config(
-        gateway, host=config.host, port=config.port, loop="uvloop", http=HTTP11Protocol, lifespan="on",
-        access_log=False, log_config=None, log_level=config.log_level, backlog=4096,
-        ssl_certfile=config.tls_certfile, ssl_keyfile=config.tls_keyfile,
-        timeout_graceful_shutdown=int(config.drain_seconds), timeout_keep_alive=30,
-        proxy_headers=False, server_header=False, date_header=False,
-    )
-    server = _DrainingServer(uv_config, gateway)
+    server = _DrainingServer(uvicorn_config(config, gateway), gateway)
     log.info("lmserve gateway listening on %s://%s:%d with %d model(s)",
              "https" if config.tls_certfile else "http", config.host, config.port, len(config.models))
     server.run()

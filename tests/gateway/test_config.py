@@ -1,8 +1,12 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from lmserve.gateway.app import create_app
 from lmserve.gateway.config import load_config
+from lmserve.gateway.serve import uvicorn_config
 
 YAML = """
 models:
@@ -49,6 +53,18 @@ def test_yaml_then_env_then_overrides(tmp_path: Path) -> None:
     ("models: [{name: a}]\nport: 70000", "port must be"),
     ("bogus: 1", "unknown setting"),
     ("jwt: {issuer: x}", "jwt needs"),
+    ("limits: {window_seconds: 0}", "limits.window_seconds must be > 0"),
+    ("limits: {max_body_bytes: -1}", "limits.max_body_bytes must be > 0"),
+    ("limits: {default_rpm: 0}", "limits.default_rpm must be > 0"),
+    ("limits: {window_seconds: abc}", "wrong type"),
+    ("cache: {ttl: 0}", "cache.ttl must be > 0"),
+    ("cache: {max_entries: 0}", "cache.max_entries must be > 0"),
+    ("redaction: {patterns: ['ok', '(unclosed']}", r"redaction.patterns\[1\] '\(unclosed' is not a valid Python regex"),
+    ("redaction: {max_match_chars: 0}", "redaction.max_match_chars must be > 0"),
+    ("shedding: {low: 0}", r"shedding.low must be a fraction in \(0, 1\]"),
+    ("shedding: {high: 1.5}", "shedding.high must be a fraction"),
+    ("timeouts: {client_body: 0}", "timeouts.client_body must be > 0"),
+    ("drain_seconds: -1", "drain_seconds must be >= 0"),
 ])
 def test_invalid_config_is_a_clear_value_error(tmp_path: Path, yaml_text: str, message: str) -> None:
     path = tmp_path / "gw.yaml"
@@ -61,3 +77,20 @@ def test_example_config_loads() -> None:
     config = load_config(Path(__file__).parents[2] / "lmserve" / "gateway" / "example.yaml", env={})
     assert [m.name for m in config.models] == ["llama-3.1-8b", "qwen2.5-7b"]
     assert config.models[0].strategy == "prefix_affinity" and config.cache.enabled
+
+
+def test_bad_redaction_regex_is_a_one_line_cli_error(tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text("models: [{name: a}]\nredaction: {patterns: ['(unclosed']}\n")
+    done = subprocess.run([sys.executable, "-m", "lmserve.cli", "gateway", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "redaction.patterns[0]" in done.stderr
+
+
+def test_drain_seconds_keeps_its_fraction(tmp_path: Path) -> None:
+    config = load_config(env={}, overrides={"drain_seconds": 0.5, "timeouts": {"client_body": 2.5}})
+    uv_config = uvicorn_config(config, create_app(config))
+    assert uv_config.timeout_graceful_shutdown == 0.5  # was int(0.5) == 0: in-flight requests cut at once
+    assert uv_config.http.body_timeout == 2.5  # type: ignore[union-attr]

@@ -200,6 +200,12 @@ def test_admin_adds_drains_and_removes_backends_at_run_time(backends, gateway_fa
         body = "".join(stream.iter_text())
     assert body.count("data: ") >= 9 and body.rstrip().endswith("data: [DONE]")  # the drained stream finished
 
+    # The drain-and-roll runbook's last step: the replaced server takes traffic again (issue 14, item 12).
+    undrained = gw.admin("POST", "/admin/backends/undrain", json={"model": "m", "url": a.url})
+    assert undrained.status_code == 200 and undrained.json()["draining"] is False
+    assert {post(gw.url, key).headers["x-backend-name"] for _ in range(4)} == {"a", "b"}
+    assert gw.admin("POST", "/admin/backends/undrain", json={"model": "m", "url": "http://127.0.0.1:1"}).status_code == 404
+
     removed = gw.admin("POST", "/admin/backends/remove", json={"model": "m", "url": a.url}).json()
     assert removed["removed"] is True
     listed = gw.admin("GET", "/admin/backends").json()["models"]["m"]["backends"]
