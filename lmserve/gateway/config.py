@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from lmserve.gateway.redact import compile_patterns
+
 STRATEGIES = ("round_robin", "least_outstanding", "latency", "prefix_affinity", "weighted")
 
 
@@ -189,10 +191,15 @@ class RedactionConfig:
 
     patterns: list[str] = field(default_factory=list)
     """Python regexes to redact."""
+    named_patterns: list[str] = field(default_factory=list)
+    """Built-in pattern sets to redact too: email, phone, card_number (Luhn-checked), api_key (sk-..., AKIA..., ghp_..., and similar), bearer_token."""
     replacement: str = "[REDACTED]"
     """Text put in place of each match."""
     max_match_chars: int = 128
     """Longest match expected; streams hold back this many characters per choice."""
+
+    def __post_init__(self) -> None:
+        compile_patterns(self.patterns, self.named_patterns)  # a bad regex or name: one-line ValueError
 
 
 @dataclass
