@@ -45,8 +45,9 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.router = Router(config)
         self.upstream = UpstreamPool()
-        self.redactor = Redactor(config.redaction.patterns, config.redaction.replacement,
-                                 config.redaction.max_match_chars) if config.redaction.patterns else None
+        redaction = config.redaction
+        self.redactor = Redactor(redaction.patterns, redaction.replacement, redaction.max_match_chars,
+                                 redaction.named_patterns) if redaction.patterns or redaction.named_patterns else None
         self.tracer = tracer
         self.is_draining = False
         self.redis: Any = None

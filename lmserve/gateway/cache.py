@@ -1,7 +1,9 @@
 """Exact-match response cache for deterministic requests, in-process LRU or Redis.
 
 A request is cacheable when it is not streamed and is deterministic: `temperature` is 0 or a
-`seed` is given. The key is a hash of the path, the caller's tenant (so one tenant never sees
+`seed` is given. An answer is stored only when it is complete (`is_complete_answer`): a truncated
+one (finish reason `timeout`/`abort`, an error body) would otherwise be replayed for the TTL and as
+the stale fallback. The key is a hash of the path, the caller's tenant (so one tenant never sees
 another's responses) and the request body with sorted keys. An entry is fresh for `ttl` seconds
 and may be served stale for `stale_ttl` more when every backend fails.
 """
@@ -30,6 +32,24 @@ def is_cacheable(body: dict[str, Any]) -> bool:
     if body.get("stream"):
         return False
     return body.get("temperature") == 0 or body.get("seed") is not None
+
+
+COMPLETE_FINISH_REASONS = frozenset({"stop", "length", "tool_calls"})
+"""Finish reasons of an answer the model ended itself (or its budget did): safe to replay."""
+
+
+def is_complete_answer(data: bytes) -> bool:
+    """True for a well-formed completion whose every choice finished with a complete reason."""
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(payload, dict) or "error" in payload:
+        return False
+    choices = payload.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    return all(isinstance(c, dict) and c.get("finish_reason") in COMPLETE_FINISH_REASONS for c in choices)
 
 
 def cache_key(path: str, tenant: str | None, body: dict[str, Any]) -> str:

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from lmserve.gateway.redact import compile_patterns
+
 STRATEGIES = ("round_robin", "least_outstanding", "latency", "prefix_affinity", "weighted")
 
 
@@ -200,6 +202,8 @@ class RedactionConfig:
 
     patterns: list[str] = field(default_factory=list)
     """Python regexes to redact."""
+    named_patterns: list[str] = field(default_factory=list)
+    """Built-in pattern sets to redact too: email, phone, card_number (Luhn-checked), api_key (sk-..., AKIA..., ghp_..., and similar), bearer_token."""
     replacement: str = "[REDACTED]"
     """Text put in place of each match."""
     max_match_chars: int = 128
@@ -207,11 +211,7 @@ class RedactionConfig:
 
     def __post_init__(self) -> None:
         _positive("redaction.max_match_chars", self.max_match_chars)
-        for i, pattern in enumerate(self.patterns):
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as exc:
-                raise ValueError(f"redaction.patterns[{i}] {pattern!r} is not a valid Python regex: {exc}") from None
+        compile_patterns(self.patterns, self.named_patterns)  # a bad regex or name: one-line ValueError
 
 
 @dataclass

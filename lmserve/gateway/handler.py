@@ -27,7 +27,7 @@ from lmserve.gateway.asgi import (
     send_error,
 )
 from lmserve.gateway.auth import Authenticator, Principal
-from lmserve.gateway.cache import ResponseCache, cache_key, is_cacheable
+from lmserve.gateway.cache import ResponseCache, cache_key, is_cacheable, is_complete_answer
 from lmserve.gateway.config import GatewayConfig
 from lmserve.gateway.errors import GatewayError, forbidden, not_found
 from lmserve.gateway.ledger import UsageLedger
@@ -294,7 +294,7 @@ class ProxyHandler:
             self.metrics.tokens.add((result.model, "completion"), completion)
             if has_limits(req.principal):
                 await self._shared(self.limiter.record_tokens(req.principal, prompt + completion), "rate limiter")
-        if data is not None and req.cache_key is not None and self.cache is not None:
+        if data is not None and req.cache_key is not None and self.cache is not None and is_complete_answer(data):
             await self._shared(self.cache.put(req.cache_key, data), "cache")
 
     async def _shared(self, call: Awaitable[_T], what: str) -> _T | None:

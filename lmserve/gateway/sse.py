@@ -1,4 +1,5 @@
-"""Server-sent events of OpenAI streams: splitting, usage extraction, usage stripping, redaction.
+"""Server-sent events of OpenAI streams: splitting, usage extraction, usage stripping, redaction
+(of text and log-probabilities).
 
 Events are separated by a blank line. The splitter keeps only an incomplete trailing event between
 chunks, so complete events are never held back.
@@ -71,16 +72,21 @@ class StreamTransform:
         return b"data: " + orjson.dumps(payload) if is_changed else event
 
     def flush(self, template: dict[str, Any] | None) -> bytes | None:
-        """A final chunk with any text the redactor still holds (stream ended without finish)."""
+        """A final chunk with any text (and log-probabilities) the redactor still holds (stream
+        ended without finish)."""
         if self.redactor is None:
             return None
         leftovers = self.redactor.flush()
-        if not leftovers:
+        logprobs = self.redactor.logprobs.flush()
+        if not leftovers and not logprobs:
             return None
         base = {k: v for k, v in (template or {}).items() if k not in ("choices", "usage")}
         is_chat = (template or {}).get("object", "").startswith("chat")
-        choices = [{"index": i, "delta": {"content": t}} if is_chat else {"index": i, "text": t}
-                   for i, t in sorted(leftovers.items())]
+        choices = []
+        for i in sorted(set(leftovers) | set(logprobs)):
+            text = leftovers.get(i, "")
+            choice = {"index": i, "delta": {"content": text}} if is_chat else {"index": i, "text": text}
+            choices.append({**choice, "logprobs": logprobs[i]} if i in logprobs else choice)
         return b"data: " + orjson.dumps({**base, "choices": choices})
 
 
@@ -103,6 +109,12 @@ def _redact_choices(redactor: StreamRedactor, payload: dict[str, Any]) -> bool:
                     delta["content"] = held
                 else:
                     choice["text"] = held
+                is_changed = True
+        logprobs = choice.get("logprobs")
+        if logprobs is not None or is_final:  # held-back entries travel with the held-back text
+            released = redactor.logprobs.feed(index, logprobs, is_final)
+            if released is not None or logprobs is not None:
+                choice["logprobs"] = released
                 is_changed = True
     return is_changed
 

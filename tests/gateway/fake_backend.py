@@ -13,6 +13,10 @@ number of content chunks) and `stream_options.include_usage` like OpenAI. Every 
   content, chunk_chars  completion text and how many characters go in each chunk
   health, ready       statuses of /health and /ready (ready 404 = no readiness endpoint)
   hang_body           answer the head of a non-streamed response, then stall
+  finish_reason       the finish reason of every choice ("stop"; "timeout" for a truncated answer)
+
+With `logprobs` in the request, each chunk of `content` is one token with log-probabilities
+(OpenAI's chat or legacy completions layout); its top alternatives are itself and "x".
 
 `GET /_stats` returns counters and the last request's headers and body; `POST /_reset` clears them.
 """
@@ -27,7 +31,8 @@ import time
 from aiohttp import web
 
 DEFAULTS = {"status": None, "fail_count": 0, "delay": 0.0, "chunk_delay": 0.0, "content": "Hello from the fake",
-            "chunk_chars": 4, "health": 200, "ready": 200, "hang_body": False, "first_chunk_delay": 0.0}
+            "chunk_chars": 4, "health": 200, "ready": 200, "hang_body": False, "first_chunk_delay": 0.0,
+            "finish_reason": "stop"}
 
 
 class FakeBackend:
@@ -94,8 +99,12 @@ class FakeBackend:
         return web.json_response(self._whole(body, is_chat, text, len(pieces)), headers=self.headers())
 
     def _whole(self, body: dict, is_chat: bool, text: str, num_chunks: int) -> dict:
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                  if is_chat else {"index": 0, "text": text, "finish_reason": "stop"})
+        finish = self.state["finish_reason"]
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                  if is_chat else {"index": 0, "text": text, "finish_reason": finish})
+        if body.get("logprobs"):
+            size = max(1, int(self.state["chunk_chars"]))
+            choice["logprobs"] = _logprobs([text[i:i + size] for i in range(0, len(text), size)], is_chat, 0)
         return {"id": "cmpl-fake", "object": "chat.completion" if is_chat else "text_completion",
                 "created": int(time.time()), "model": body.get("model"), "choices": [choice],
                 "usage": {"prompt_tokens": 10, "completion_tokens": num_chunks, "total_tokens": 10 + num_chunks},
@@ -118,13 +127,17 @@ class FakeBackend:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk" if is_chat else "text_completion",
                 "created": int(time.time()), "model": body.get("model")}
+        offset = 0
         try:
             if self.state["first_chunk_delay"]:
                 await asyncio.sleep(self.state["first_chunk_delay"])
             for i, piece in enumerate(pieces):
-                last = i == len(pieces) - 1
-                choice = ({"index": 0, "delta": {"content": piece}, "finish_reason": "stop" if last else None}
-                          if is_chat else {"index": 0, "text": piece, "finish_reason": "stop" if last else None})
+                finish = self.state["finish_reason"] if i == len(pieces) - 1 else None
+                choice = ({"index": 0, "delta": {"content": piece}, "finish_reason": finish}
+                          if is_chat else {"index": 0, "text": piece, "finish_reason": finish})
+                if body.get("logprobs"):
+                    choice["logprobs"] = _logprobs([piece], is_chat, offset)
+                offset += len(piece)
                 chunk = {**base, "choices": [choice]}
                 if include_usage:
                     chunk["usage"] = None
@@ -143,6 +156,18 @@ class FakeBackend:
         finally:
             self.stats["in_flight"] -= 1
         return response
+
+
+def _logprobs(tokens: list[str], is_chat: bool, offset: int) -> dict:
+    """Log-probabilities of `tokens` in OpenAI's chat layout or the legacy completions one."""
+    if is_chat:
+        def entry(token: str) -> dict:
+            return {"token": token, "logprob": -0.5, "bytes": list(token.encode())}
+        return {"content": [{**entry(t), "top_logprobs": [entry(t), {**entry("x"), "logprob": -2.0}]}
+                            for t in tokens]}
+    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [-0.5] * len(tokens),
+            "top_logprobs": [{t: -0.5, "x": -2.0} for t in tokens], "text_offset": offsets}
 
 
 def make_app(name: str) -> web.Application:
