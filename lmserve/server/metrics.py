@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -109,11 +111,24 @@ class _GPUCollector(Collector):
         yield gauge
 
 
+def memory_limit_bytes() -> float:
+    """The cgroup (v2, then v1) memory limit of this container; the machine's memory when unlimited."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 62:  # v1 reports "no limit" as a huge number
+            return float(text)
+    return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 class ServerMetrics:
     """Owns a registry (no global state); request counters are updated as requests end."""
 
     def __init__(self, model_name: str, max_model_len: int, stats: Callable[[], EngineStats], device: str,
-                 engine_pid: int | None = None) -> None:
+                 engine_pid: int | None = None, max_num_seqs: int = 0,
+                 engine_alive: Callable[[], bool] | None = None) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
@@ -138,6 +153,13 @@ class ServerMetrics:
         self.iteration_tokens = Histogram("lmserve:iteration_tokens_total", "Tokens computed per engine step.",
                                           labels, buckets=token_buckets(1 << 16), registry=r)
         r.register(_EngineCollector(stats, model_name))
+        # For alerts: utilization (running / max_num_seqs), engine death, memory against the limit.
+        Gauge("lmserve:max_num_seqs", "Most sequences the engine runs at once.", labels,
+              registry=r).labels(model_name).set(max_num_seqs)
+        alive = Gauge("lmserve:engine_alive", "1 while the engine (process or thread) runs.", labels, registry=r)
+        alive.labels(model_name).set_function(lambda: 1.0 if engine_alive is None or engine_alive() else 0.0)
+        Gauge("lmserve:memory_limit_bytes", "Memory limit of this container (cgroup), else the machine's.",
+              registry=r).set_function(memory_limit_bytes)
         ProcessCollector(registry=r)
         if engine_pid is not None:  # the engine's own process: process_* under lmserve_engine_
             ProcessCollector(namespace="lmserve_engine", pid=lambda: engine_pid, registry=r)

@@ -77,7 +77,8 @@ class ServerState:
                                 extra={"fields": self.sampling_defaults})
             metrics = ServerMetrics(
                 self.model_name, info.max_model_len, lambda: engine.latest_stats, device=info.device,
-                engine_pid=engine.pid,
+                engine_pid=engine.pid, max_num_seqs=self.engine_config.scheduler.max_num_seqs,
+                engine_alive=lambda: engine.is_alive,
             )
             engine.on_step = lambda stats, _: metrics.observe_step(stats.last_step_num_tokens)
             self.engine, self.metrics = engine, metrics
