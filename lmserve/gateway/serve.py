@@ -37,9 +37,10 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_gateway(config: GatewayConfig) -> None:
+def run_gateway(config: GatewayConfig, gateway: Gateway | None = None) -> None:
+    """Serves `gateway` (by default `create_app(config)`) until a signal drains it."""
     setup_logging(config.log_level)
-    gateway = create_app(config)
+    gateway = gateway or create_app(config)
     uv_config = uvicorn.Config(
         gateway, host=config.host, port=config.port, loop="uvloop", http=HTTP11Protocol, lifespan="on",
         access_log=False, log_config=None, log_level=config.log_level, backlog=4096,
