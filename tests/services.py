@@ -36,10 +36,11 @@ class Process:
     port: int
     log_path: Path
     scheme: str = "http"
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -70,12 +71,13 @@ class Process:
 
 
 def start_process(args: list[str], port: int, log_path: Path, ready_path: str = "/health",
-                  env: dict[str, str] | None = None, timeout: float = 30.0, scheme: str = "http") -> Process:
+                  env: dict[str, str] | None = None, timeout: float = 30.0, scheme: str = "http",
+                  host: str = "127.0.0.1") -> Process:
     """Starts `args` and waits until GET `ready_path` answers (any status below 500)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     with open(log_path, "wb") as log_file:  # the child keeps its own descriptor
         popen = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
-    proc = Process(popen, port, log_path, scheme)
+    proc = Process(popen, port, log_path, scheme, host)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if popen.poll() is not None:
@@ -158,10 +160,10 @@ def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def is_port_free(port: int) -> bool:
+def is_port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError:
             return False
         return True

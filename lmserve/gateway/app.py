@@ -19,6 +19,7 @@ from lmserve.gateway.auth import Authenticator
 from lmserve.gateway.backends import breaker_state_value
 from lmserve.gateway.cache import MemoryCache, RedisCache, ResponseCache
 from lmserve.gateway.config import GatewayConfig
+from lmserve.gateway.discovery import BackendDiscovery, Resolver, SystemResolver
 from lmserve.gateway.errors import GatewayError, not_found
 from lmserve.gateway.handler import ProxyHandler, models_listing
 from lmserve.gateway.health import HealthChecker
@@ -40,7 +41,7 @@ _PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 class Gateway:
     """Invariant: after `startup()` every component is live; `is_draining` only goes False -> True."""
 
-    def __init__(self, config: GatewayConfig, tracer: Tracer | None = None) -> None:
+    def __init__(self, config: GatewayConfig, tracer: Tracer | None = None, resolver: Resolver | None = None) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
         self.router = Router(config)
@@ -52,6 +53,7 @@ class Gateway:
         self.is_draining = False
         self.redis: Any = None
         self.store: KeyStore | None = None
+        self.discovery = BackendDiscovery(self.router, config.health, resolver or SystemResolver())
         self.health = HealthChecker(self.upstream, config.health, lambda: [b for _, b in self.router.all_backends()])
         self.handler: ProxyHandler | None = None
         self.admin: AdminAPI | None = None
@@ -90,6 +92,7 @@ class Gateway:
                                     self.metrics, self.tracer)
         self.admin = AdminAPI(config.admin_key, store, auth, self.router)
         self.ledger.start()
+        await self.discovery.start()
         self.health.start()
 
     async def _on_complete(self, req: Any, result: Any, data: bytes | None) -> None:
@@ -97,6 +100,7 @@ class Gateway:
             await self.handler.on_complete(req, result, data)
 
     async def shutdown(self) -> None:
+        await self.discovery.close()
         await self.health.close()
         if self.ledger is not None:
             await self.ledger.close()

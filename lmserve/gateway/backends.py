@@ -33,6 +33,8 @@ class Backend:
     ewma_ttfb: float | None = None
     """Exponentially weighted time to first byte in seconds (None until measured)."""
     auth_header: bytes | None = field(default=None)
+    discovered_from: str | None = None
+    """The `discovery: dns` URL this backend's address was resolved from (None: configured as is)."""
 
     def __post_init__(self) -> None:
         if self.api_key:
@@ -66,7 +68,7 @@ class Backend:
         return {
             "url": self.url, "weight": self.weight, "healthy": self.is_healthy, "ready": self.is_ready,
             "draining": self.is_draining, "breaker": self.breaker.state.name.lower(),
-            "outstanding": self.num_outstanding,
+            "outstanding": self.num_outstanding, "discovered_from": self.discovered_from,
             "ewma_ttfb_ms": None if self.ewma_ttfb is None else round(self.ewma_ttfb * 1000, 3),
         }
 

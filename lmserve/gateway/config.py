@@ -6,17 +6,20 @@ Every field is validated in `__post_init__` with a `ValueError` a user can act o
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from lmserve.gateway.redact import compile_patterns
 
 STRATEGIES = ("round_robin", "least_outstanding", "latency", "prefix_affinity", "weighted")
+DISCOVERY_MODES = ("static", "dns")
 
 
 def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
@@ -24,6 +27,20 @@ def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def check_discoverable(url: str) -> None:
+    """Raises ValueError unless `url` names a host that DNS discovery can resolve into pod addresses."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        # The gateway connects to each pod address; TLS would check the certificate against that
+        # address instead of the Service name, so https backends stay static.
+        raise ValueError(f"backend {url}: discovery: dns needs an http:// URL (https backends are static)")
+    try:
+        ipaddress.ip_address(parts.hostname or "")
+    except ValueError:
+        return
+    raise ValueError(f"backend {url}: discovery: dns needs a host name, not an address; use discovery: static")
 
 
 @dataclass
@@ -36,12 +53,22 @@ class BackendConfig:
     """Share of traffic for `weighted` (and the canary split); must be > 0."""
     api_key: str | None = None
     """Bearer token the gateway sends upstream instead of the client's credential."""
+    discovery: str = "static"
+    """static (the URL is one backend) or dns (every address its host name resolves to is a backend,
+    as for a Kubernetes headless Service; re-resolved every `resolve_interval`)."""
+    resolve_interval: float = 10.0
+    """discovery: dns: seconds between resolutions of the host name; must be > 0."""
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"backend url must start with http:// or https://, got {self.url!r}")
         self.url = self.url.rstrip("/")
         _positive("backend weight", self.weight)
+        _positive("backend resolve_interval", self.resolve_interval)
+        if self.discovery not in DISCOVERY_MODES:
+            raise ValueError(f"backend {self.url}: discovery must be one of {DISCOVERY_MODES}, got {self.discovery!r}")
+        if self.discovery == "dns":
+            check_discoverable(self.url)
 
 
 @dataclass

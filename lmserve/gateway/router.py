@@ -62,7 +62,8 @@ class Router:
         self.strategies: dict[str, RoutingStrategy] = {}
         self.in_flight: dict[str, int] = {}
         for model in config.models:
-            backends = [Backend.from_config(b, config.health) for b in model.backends]
+            # `discovery: dns` backends are templates: discovery.py fills the pool from their addresses.
+            backends = [Backend.from_config(b, config.health) for b in model.backends if b.discovery == "static"]
             self.pools[model.name] = ModelPool(model, backends)
             self.strategies[model.name] = make_strategy(model)
             self.in_flight[model.name] = 0

@@ -52,9 +52,10 @@ def uvicorn_config(config: GatewayConfig, gateway: Gateway) -> uvicorn.Config:
     )
 
 
-def run_gateway(config: GatewayConfig) -> None:
+def run_gateway(config: GatewayConfig, gateway: Gateway | None = None) -> None:
+    """Serves `gateway` (by default `create_app(config)`) until a signal drains it."""
     setup_logging(config.log_level)
-    gateway = create_app(config)
+    gateway = gateway or create_app(config)
     server = _DrainingServer(uvicorn_config(config, gateway), gateway)
     log.info("lmserve gateway listening on %s://%s:%d with %d model(s)",
              "https" if config.tls_certfile else "http", config.host, config.port, len(config.models))
