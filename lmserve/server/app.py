@@ -21,6 +21,7 @@ from lmserve.server.chat import create_chat_completion
 from lmserve.server.completions import create_completion
 from lmserve.server.errors import APIError, from_validation_errors, internal_error, unauthorized
 from lmserve.server.logs import request_id_var
+from lmserve.server.metrics import GENERATION_PATHS, ResponseWatch
 from lmserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from lmserve.server.serving import json_response
 from lmserve.server.state import Phase, ServerState
@@ -51,7 +52,19 @@ class RequestContext:
             request_id_var.reset(token)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, headers: dict, request_id: str) -> None:
+        watch = ResponseWatch()
+        try:
+            await self._respond(scope, receive, send, headers, request_id, watch)
+        finally:  # error statuses of generation routes count here; Accounting counts the rest
+            metrics = self.state.metrics
+            if metrics is not None and watch.status is not None and watch.status >= 400 \
+                    and scope["path"] in GENERATION_PATHS:
+                metrics.observe_failure(watch.status, watch.reason())
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send, headers: dict, request_id: str,
+                       watch: ResponseWatch) -> None:
         async def send_with_id(message: Message) -> None:
+            watch.see(message)
             if message["type"] == "http.response.start":
                 message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
             await send(message)

@@ -81,6 +81,13 @@ def unavailable(message: str) -> APIError:
                     headers={"Retry-After": "1"})
 
 
+def queue_timeout(message: str) -> APIError:
+    """A request that was never started: it waited past the queue timeout (or could no longer meet
+    its deadline). 503 with Retry-After like any other capacity refusal: nothing was generated, so
+    retrying (here later, or on another server) is safe."""
+    return APIError(503, message, type="service_unavailable", code="queue_timeout", headers={"Retry-After": "1"})
+
+
 def internal_error(request_id: str) -> APIError:
     return APIError(500, f"Internal server error (request id {request_id}).", type="server_error",
                     code="internal_error")

@@ -15,6 +15,12 @@ from lmserve.engine.sampling_params import SamplingParams
 from lmserve.engine.tokenizer import Tokenizer
 
 
+class RequestTimedOut(Exception):
+    """A sequence ended with finish reason `timeout`: it waited past its queue timeout, or could no
+    longer meet its deadline, before its first token. The answer would be empty or incomplete, so it
+    is reported as an error, never as a finished choice."""
+
+
 @dataclass
 class Delta:
     """What one choice gained: text (stop strings applied), tokens, log-probabilities, maybe an end."""
@@ -81,6 +87,7 @@ class Generation:
             await self._outputs.aclose()  # type: ignore[attr-defined]
 
     async def deltas(self) -> AsyncIterator[Delta]:
+        """The choices' deltas as the engine makes them; raises RequestTimedOut for a timeout."""
         if self._outputs is None:
             raise RuntimeError("Generation.start() was not awaited")
         async for out in self._outputs:
@@ -103,6 +110,9 @@ class Generation:
             if finish is not None:
                 text += seq.stream.finish()
             seq.finish_reason = finish
+            if finish == "timeout":
+                raise RequestTimedOut("The request was not started within the server's queue timeout "
+                                      "(the server is at capacity); retry later or on another server.")
             yield Delta(self.index_offset + out.index, text, out.new_token_ids, out.new_logprobs or [], finish)
 
     def _observe_timing(self, seq: _SequenceState, token_ids: list[int]) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -135,7 +137,14 @@ class ServerMetrics:
         self.prompt_tokens = Counter("lmserve:prompt_tokens", "Prompt tokens processed.", labels, registry=r)
         self.generation_tokens = Counter("lmserve:generation_tokens", "Tokens generated.", labels, registry=r)
         self.request_success = Counter(
-            "lmserve:request_success", "Requests finished, by reason.", labels + ["finished_reason"], registry=r
+            "lmserve:request_success", "Requests whose every choice finished (stop, length), by reason.",
+            labels + ["finished_reason"], registry=r
+        )
+        self.request_failure = Counter(
+            "lmserve:request_failure",
+            "Generation requests that did not finish: refused, failed, timed out or disconnected, by HTTP "
+            "status (499: client left; a stream's error event counts with the status it stands for) and "
+            "reason (the error code).", labels + ["status", "reason"], registry=r
         )
         self.ttft = Histogram("lmserve:time_to_first_token_seconds", "Time to first token.", labels,
                               buckets=TTFT_BUCKETS, registry=r)
@@ -195,5 +204,34 @@ class ServerMetrics:
         for gap in inter_token_seconds:
             itl.observe(gap)
 
+    def observe_failure(self, status: int, reason: str) -> None:
+        self.request_failure.labels(self.model_name, str(status), reason).inc()
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+"""Routes whose error responses count in `request_failure`."""
+
+
+class ResponseWatch:
+    """One response's status and, when it is an error, the code of its OpenAI error body (read from
+    the first 4 KiB: error bodies are small and sent in one message)."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.body = b""
+
+    def see(self, message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif self.status is not None and self.status >= 400 and len(self.body) < 4096:
+            self.body += message.get("body", b"")
+
+    def reason(self) -> str:
+        try:
+            error = orjson.loads(self.body).get("error") or {}
+        except (orjson.JSONDecodeError, AttributeError):
+            return "error"
+        return str(error.get("code") or error.get("type") or "error") if isinstance(error, dict) else "error"

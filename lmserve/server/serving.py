@@ -17,8 +17,15 @@ from starlette.responses import Response
 from lmserve.engine.async_engine import EngineDeadError
 from lmserve.engine.errors import EngineOverloaded
 from lmserve.engine.sampling_params import SamplingParams
-from lmserve.server.errors import APIError, bad_request, model_not_found, overloaded, unavailable
-from lmserve.server.generation import Generation
+from lmserve.server.errors import (
+    APIError,
+    bad_request,
+    model_not_found,
+    overloaded,
+    queue_timeout,
+    unavailable,
+)
+from lmserve.server.generation import Generation, RequestTimedOut
 from lmserve.server.logs import log_request, request_id_var
 from lmserve.server.protocol import GenerationFields, PromptTokensDetails, Usage
 from lmserve.server.state import ServerState
@@ -103,9 +110,20 @@ def sse(payload: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+COMPLETE_FINISH_REASONS = frozenset({"stop", "length"})
+"""Finish reasons of a request that got its whole answer (the others: timeout, abort)."""
+
+
 @dataclass
 class Accounting:
-    """Counts a request in flight from `begin()` to `end()`, which records its metrics and log line."""
+    """Counts a request in flight from `begin()` to `end()`, which records its metrics and log line.
+
+    Metrics by outcome: a request whose every choice finished with stop/length counts in
+    `request_success{finished_reason}`; any other end counts in `request_failure{status, reason}`,
+    here when the client gets no error status (a disconnect, an error event in a stream already
+    answered 200) and in the server's middleware when it does (so that refusals before a request
+    reaches the engine count the same way).
+    """
 
     state: ServerState
     generations: list[Generation] = field(default_factory=list)
@@ -116,17 +134,19 @@ class Accounting:
         self.state.request_started()
         return self
 
-    def end(self, error: BaseException | None = None) -> None:
+    def end(self, error: BaseException | None = None, is_answered_with_error: bool = False) -> None:
+        """`is_answered_with_error`: `error` becomes the HTTP response, which the middleware counts."""
+        reason = None
         if isinstance(error, APIError):
-            status = error.status
-        elif isinstance(error, asyncio.CancelledError):
-            status = 499  # client closed the request
+            status, reason = error.status, error.code or error.type
+        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            status, reason = 499, "client_disconnected"  # client closed the request
         else:
-            status = 200 if error is None else 500
+            status, reason = (200, None) if error is None else (500, "internal_error")
         self.state.request_ended()
-        self._record(status)
+        self._record(status, None if is_answered_with_error else reason)
 
-    def _record(self, status: int) -> None:
+    def _record(self, status: int, failure: str | None) -> None:
         latency = time.monotonic() - self.started
         reasons = [r for g in self.generations for r in g.finish_reasons]
         finish = ",".join(sorted({r or "abort" for r in reasons})) or None
@@ -135,11 +155,14 @@ class Accounting:
         queue = max((g.queue_seconds for g in self.generations if g.queue_seconds is not None), default=None)
         usage = usage_of(self.generations) if self.generations else None
         metrics = self.state.metrics
-        if metrics is not None and usage is not None and status == 200:
+        is_complete = status == 200 and bool(reasons) and all(r in COMPLETE_FINISH_REASONS for r in reasons)
+        if metrics is not None and usage is not None and is_complete:
             metrics.observe_request(
                 usage.prompt_tokens, usage.completion_tokens, finish or "abort", latency, ttft, queue,
                 [gap for g in self.generations for gap in g.inter_token_seconds],
             )
+        elif metrics is not None and (failure is not None or status == 200):
+            metrics.observe_failure(status, failure or finish or "abort")
         cached = usage.prompt_tokens_details.cached_tokens if usage and usage.prompt_tokens_details else 0
         log_request(
             logger, model=self.state.model_name, tenant=self.tenant, status=status,
@@ -159,7 +182,9 @@ async def respond(
     """Admits every generation, then streams SSE events or answers once everything is collected.
 
     A refusal at admission is an HTTP error even for streams; an error after the first streamed
-    byte becomes an SSE error event. A client that disconnects aborts its requests.
+    byte becomes an SSE error event (then `[DONE]`). A queue timeout (no token was generated) is a
+    503 `queue_timeout` error, or that error event once a stream has started: never a choice that
+    finished with reason `timeout`. A client that disconnects aborts its requests.
     """
     accounting.begin()
     try:
@@ -169,10 +194,12 @@ async def respond(
                 response = await until_disconnect(http, collect())
             except EngineDeadError as exc:
                 raise unavailable(str(exc)) from None
+            except RequestTimedOut as exc:
+                raise queue_timeout(str(exc)) from None
             accounting.end()
             return response
     except BaseException as exc:
-        accounting.end(exc)
+        accounting.end(exc, is_answered_with_error=not isinstance(exc, asyncio.CancelledError))
         raise
 
     async def body() -> AsyncIterator[bytes]:
@@ -180,16 +207,17 @@ async def respond(
         try:
             async for chunk in events():
                 yield chunk
-        except (EngineDeadError, RuntimeError) as exc:
-            error = exc
-            yield sse(unavailable(str(exc)).body())
+        except (EngineDeadError, RuntimeError, RequestTimedOut) as exc:
+            # The stream has answered 200: the failure is told in an error event before [DONE].
+            error = queue_timeout(str(exc)) if isinstance(exc, RequestTimedOut) else unavailable(str(exc))
+            yield sse(error.body())
         except BaseException as exc:
             error = exc
             raise
         finally:
             for generation in accounting.generations:
                 await generation.close()
-            accounting.end(error if not isinstance(error, (EngineDeadError, RuntimeError)) else None)
+            accounting.end(error)
         yield SSE_DONE
 
     return EventStreamResponse(body())

@@ -1,10 +1,12 @@
 """Every failure answers with the right status and OpenAI's error body."""
 
+import json
 import threading
 import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.conftest import MODEL_NAME
 
@@ -122,3 +124,63 @@ def test_engine_overload_is_429_with_retry_after(start_server):
     for worker in workers:
         worker.join(60)
     assert results == [200, 200]  # nothing already admitted was lost
+
+
+def failures(server, status: str, reason: str) -> float:
+    """lmserve:request_failure_total{status, reason} from the live /metrics (0 when absent)."""
+    for family in text_string_to_metric_families(httpx.get(server.url + "/metrics").text):
+        for s in family.samples:
+            if s.name == "lmserve:request_failure_total" and (s.labels["status"], s.labels["reason"]) == (status, reason):
+                return s.value
+    return 0.0
+
+
+def test_queue_timeout_is_an_error_not_a_finished_answer(start_server):
+    server = start_server("--max-num-seqs", "1", "--queue-timeout", "0.3")
+    long = {"model": MODEL_NAME, "prompt": "busy", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    ended: list[float] = []
+
+    def hold_the_only_slot() -> None:
+        with httpx.stream("POST", server.url + "/v1/completions", json=long, timeout=60) as r:
+            for _ in r.iter_lines():
+                pass
+        ended.append(time.monotonic())
+
+    worker = threading.Thread(target=hold_the_only_slot)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while httpx.get(server.url + "/v1/status").json().get("running") != 1:
+        assert time.monotonic() < deadline, "the long request never started"
+        time.sleep(0.02)
+    answers: dict = {}
+
+    def whole() -> None:
+        queued = {"model": MODEL_NAME, "prompt": "late", "max_tokens": 5}
+        answers["whole"] = httpx.post(server.url + "/v1/completions", json=queued, timeout=30)
+
+    def streamed() -> None:
+        queued = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "late"}], "max_tokens": 5,
+                  "stream": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=queued, timeout=30) as r:
+            answers["stream"] = (r.status_code, [line for line in r.iter_lines() if line])
+
+    late = [threading.Thread(target=whole), threading.Thread(target=streamed)]
+    for thread in late:  # both at once: both must time out while the long request holds the slot
+        thread.start()
+    for thread in late:
+        thread.join(30)
+    answered = time.monotonic()
+    error = error_of(answers["whole"], 503)
+    assert (error["type"], error["code"]) == ("service_unavailable", "queue_timeout")
+    assert int(answers["whole"].headers["retry-after"]) >= 1
+    status, lines = answers["stream"]
+    assert status == 200 and lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert events[-1]["error"]["code"] == "queue_timeout"
+    assert all(c.get("finish_reason") != "timeout" for e in events[:-1] for c in e["choices"])
+    assert failures(server, "503", "queue_timeout") == 2
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+    assert all("timeout" not in s.labels["finished_reason"] for s in families["lmserve:request_success"].samples)
+    worker.join(120)
+    assert ended, "the long request did not end"
+    assert ended[0] > answered, "the long request ended before the queued ones timed out"

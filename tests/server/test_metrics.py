@@ -1,5 +1,7 @@
 """/metrics in Prometheus text format with vLLM's names under lmserve:."""
 
+import time
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,6 +18,7 @@ EXPECTED = {
     "lmserve:generation_tokens": "counter",
     "lmserve:num_preemptions": "counter",
     "lmserve:request_success": "counter",
+    "lmserve:request_failure": "counter",
     "lmserve:time_to_first_token_seconds": "histogram",
     "lmserve:inter_token_latency_seconds": "histogram",
     "lmserve:e2e_request_latency_seconds": "histogram",
@@ -61,3 +64,34 @@ def test_names_types_and_counts(server):
     # The engine process (the server's child) is scraped too.
     engine_rss = sample(after, "lmserve_engine_process_resident_memory_bytes")
     assert engine_rss > 0 and sample(after, "lmserve_engine_process_cpu_seconds", "_total") > 0
+
+
+def test_requests_are_counted_by_outcome(server):
+    """Errors count in request_failure{status, reason}; only finished answers in request_success."""
+    def counts() -> tuple[dict, float]:
+        families = scrape(server)
+        failed = {(s.labels["status"], s.labels["reason"]): s.value
+                  for s in families["lmserve:request_failure"].samples if s.name.endswith("_total")}
+        succeeded = sum(s.value for s in families["lmserve:request_success"].samples if s.name.endswith("_total"))
+        return failed, succeeded
+
+    before, succeeded_before = counts()
+    ok = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 2}
+    assert httpx.post(server.url + "/v1/completions", json=ok).status_code == 200
+    assert httpx.post(server.url + "/v1/completions", json={**ok, "max_tokens": 5000}).status_code == 400
+    assert httpx.post(server.url + "/v1/completions", json={**ok, "max_tokenz": 1}).status_code == 400
+    assert httpx.post(server.url + "/v1/chat/completions", json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).status_code == 404
+    after, succeeded_after = counts()
+    grown = {key: value - before.get(key, 0) for key, value in after.items() if value != before.get(key, 0)}
+    assert grown == {("400", "context_length_exceeded"): 1, ("400", "invalid_request_error"): 1,
+                     ("404", "model_not_found"): 1}
+    assert succeeded_after - succeeded_before == 1
+
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      json={**ok, "max_tokens": 1000, "ignore_eos": True, "stream": True}) as r:
+        next(r.iter_lines())  # started; then the client leaves
+    deadline = time.monotonic() + 10
+    while counts()[0].get(("499", "client_disconnected"), 0) == before.get(("499", "client_disconnected"), 0):
+        assert time.monotonic() < deadline, "a client that left was not counted"
+        time.sleep(0.05)
+    assert counts()[1] == succeeded_after
