@@ -19,6 +19,18 @@ def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
     return digest.digest()
 
 
+def tenant_salt(tenant: str) -> bytes | None:
+    """The parent hash of a tenant's first block, so that its cached prefixes match only its own
+    requests (like vLLM's `cache_salt`); None (no salt) for the empty tenant.
+
+    Its own personalization keeps it out of the space of block hashes: a tenant name can never make
+    its first block equal another chain's later block.
+    """
+    if not tenant:
+        return None
+    return hashlib.blake2b(tenant.encode(), digest_size=16, person=b"lmserve-tenant").digest()
+
+
 @dataclass(slots=True, eq=False)
 class Block:
     """One block of `block_size` token slots in every layer's KV cache."""

@@ -73,6 +73,9 @@ class CacheConfig:
     """Bytes for the KV pool; default 2 GiB on CPU, 90% of free GPU memory after weights on GPU."""
     enable_prefix_caching: bool = True
     """Reuse the KV of full blocks shared by prompts (chained block hashes, LRU eviction)."""
+    share_prefix_cache_across_tenants: bool = False
+    """Let a request reuse prefixes cached by another tenant's requests. Off: block hashes are salted
+    with the tenant, so cached_tokens and time to first token never reveal what another tenant sent."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 1024:

@@ -137,7 +137,8 @@ class Engine:
         cache = config.cache
         num_blocks = cache.num_blocks or self._blocks_from_memory(loaded)
         num_cpu_blocks = self._cpu_blocks(loaded)
-        self.kv_cache = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks)
+        self.kv_cache = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks,
+                                       share_across_tenants=cache.share_prefix_cache_across_tenants)
         self.scheduler = Scheduler(
             config.scheduler, self.kv_cache, self.max_model_len, self.eos_token_ids, clock=clock
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from lmserve.engine.block_pool import Block, BlockPool, hash_block
+from lmserve.engine.block_pool import Block, BlockPool, hash_block, tenant_salt
 from lmserve.engine.sequence import Sequence
 
 
@@ -31,10 +31,13 @@ class KVCacheManager:
     least its `num_computed_tokens`. A sequence has a device table or a CPU table, never both.
     Every CPU block is exactly one of: free, in one CPU table, or in `_cpu_releasing` (read by a
     swap-in of the step being scheduled, free again at `release_swapped_in`).
+    Unless `share_across_tenants`, a sequence's block hashes are salted with its tenant, so it only
+    ever hits blocks cached by sequences of the same tenant.
     """
 
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_cpu_blocks: int = 0
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_cpu_blocks: int = 0,
+        share_across_tenants: bool = False,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -42,6 +45,7 @@ class KVCacheManager:
             raise ValueError(f"num_cpu_blocks must be >= 0, got {num_cpu_blocks}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.share_across_tenants = share_across_tenants
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.prefix_stats = PrefixCacheStats()
         self._tables: dict[int, list[Block]] = {}
@@ -202,10 +206,15 @@ class KVCacheManager:
         return self.pool.reset_prefix_cache()
 
     def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
-        """The first `num_blocks` chained block hashes of the sequence, computed once each."""
+        """The first `num_blocks` chained block hashes of the sequence, computed once each.
+
+        The first block's parent is the tenant's salt: a cache hit (`cached_tokens`, a faster first
+        token) would otherwise tell one tenant which prompts another tenant sent.
+        """
         hashes = seq.block_hashes
         size = self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, seq.token_ids[i * size : (i + 1) * size]))
+            parent = hashes[-1] if hashes else None if self.share_across_tenants else tenant_salt(seq.tenant)
+            hashes.append(hash_block(parent, seq.token_ids[i * size : (i + 1) * size]))
         return hashes

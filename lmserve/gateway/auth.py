@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import jwt
 
 from lmserve.gateway.config import JWTConfig
 from lmserve.gateway.errors import GatewayError, unauthorized
+from lmserve.gateway.identity import tenant_header_value
 from lmserve.gateway.keystore import KeyRecord, KeyStore, hash_key
 
 _NEGATIVE_TTL = 1.0
@@ -42,6 +44,12 @@ class Principal:
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    @functools.cached_property
+    def tenant_header(self) -> bytes:
+        """The `X-Lmserve-Tenant` value sent to backends: the tenant, else the key's own id (a key
+        without a tenant is a tenant of its own). Computed once per cached principal."""
+        return tenant_header_value(self.tenant or self.id)
 
 
 ANONYMOUS = Principal("anonymous", "anonymous", None, None, None, None, None)

@@ -7,7 +7,6 @@ scope) come before anything that touches Redis or a backend.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ from lmserve.gateway.auth import Authenticator, Principal
 from lmserve.gateway.cache import ResponseCache, cache_key, is_cacheable, is_complete_answer
 from lmserve.gateway.config import GatewayConfig
 from lmserve.gateway.errors import GatewayError, forbidden, not_found
+from lmserve.gateway.identity import PRIORITY_HEADER, TENANT_HEADER, strip_client_identity
 from lmserve.gateway.ledger import UsageLedger
 from lmserve.gateway.metrics import GatewayMetrics
 from lmserve.gateway.proxy import Forwarder, PassThrough, ProxyRequest, ProxyResult, response_headers
@@ -147,15 +147,13 @@ class ProxyHandler:
         self.tracer = tracer
         self._background: set[asyncio.Task[None]] = set()
         self._watchdog = _Watchdog()
-        self._id_prefix = os.urandom(6).hex().encode()  # generated ids: this process's prefix + a counter
-        self._id_counter = itertools.count()
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.monotonic()
         headers = header_map(scope)
         request_id = headers.get(b"x-request-id")
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-            request_id = b"%s%012x" % (self._id_prefix, next(self._id_counter))
+            request_id = os.urandom(12).hex().encode()  # unguessable: ids must not reveal traffic
         result = ProxyResult()
         req: ProxyRequest | None = None
         span = self.tracer.start("gateway " + scope["path"], {"http.request_id": request_id.decode()}) \
@@ -185,7 +183,7 @@ class ProxyHandler:
         principal = await self.auth.authenticate(headers.get(b"authorization"))
         route = FORWARDED[scope["path"]]  # the app sends only these paths here
         path = route.upstream_path  # never the client's bytes (request smuggling)
-        body = parse_json(raw)
+        body, raw = strip_client_identity(parse_json(raw), raw)
         model = validate(path, body, self.limits)
         pool = self.router.resolve(model)
         if pool is None:
@@ -208,9 +206,11 @@ class ProxyHandler:
         affinity = None
         if pool.config.strategy == "prefix_affinity":
             affinity = session.decode("latin-1") if session else prompt_text(body, pool.config.prefix_chars)
+        priority = _priority(headers.get(b"x-priority"), principal)
         req = ProxyRequest(request_id, path, raw, body, principal, pool, is_stream, wants_usage, affinity, extra,
-                           priority=_priority(headers.get(b"x-priority"), principal),
-                           is_idempotent=route.is_idempotent)
+                           priority=priority, is_idempotent=route.is_idempotent,
+                           upstream_headers=[(TENANT_HEADER, principal.tenant_header),
+                                             (PRIORITY_HEADER, priority.encode())])
         if span is not None:
             req.upstream_headers.append((b"traceparent", self.tracer.traceparent(span)))  # type: ignore[union-attr]
         return req

@@ -99,7 +99,8 @@ class _Retry(Exception):
 
 
 def response_headers(upstream: list[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in upstream if k not in _HOP_BY_HOP] + extra
+    # The gateway's own X-Request-ID is in `extra`; the backend's echo of it would be a second one.
+    return [(k, v) for k, v in upstream if k not in _HOP_BY_HOP and k != b"x-request-id"] + extra
 
 
 class Forwarder:

@@ -12,6 +12,7 @@ from lmserve.engine.sampler import TokenLogprobs
 from lmserve.engine.tokenizer import Tokenizer
 from lmserve.server.errors import bad_request
 from lmserve.server.generation import Generation, merge
+from lmserve.server.identity import identity_of
 from lmserve.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -27,11 +28,9 @@ from lmserve.server.serving import (
     json_response,
     max_tokens_for,
     new_request_id,
-    priority_of,
     respond,
     sampling_params,
     sse,
-    tenant_of,
     usage_of,
 )
 from lmserve.server.state import ServerState
@@ -75,10 +74,10 @@ async def create_chat_completion(body: ChatCompletionRequest, http: Request, sta
     top = body.top_logprobs or 0
     params = sampling_params(state, body, max_tokens_for(state, len(prompt), requested), top if body.logprobs else None)
     request_id = new_request_id("chatcmpl")
-    tenant = tenant_of(body, http)
-    generation = Generation(engine, tokenizer, request_id, prompt, params, priority_of(body, http), tenant)
+    identity = identity_of(body, http, state.options)
+    generation = Generation(engine, tokenizer, request_id, prompt, params, identity.priority, identity.tenant)
     created = int(time.time())
-    accounting = Accounting(state, [generation], tenant)
+    accounting = Accounting(state, [generation], identity.tenant, identity.priority)
 
     def chunk(choices: list[dict], usage: dict | None = None, with_usage: bool = False) -> bytes:
         payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,

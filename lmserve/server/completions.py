@@ -12,6 +12,7 @@ from lmserve.engine.sampler import TokenLogprobs
 from lmserve.engine.tokenizer import Tokenizer
 from lmserve.server.errors import bad_request
 from lmserve.server.generation import Generation, merge
+from lmserve.server.identity import identity_of
 from lmserve.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -24,11 +25,9 @@ from lmserve.server.serving import (
     json_response,
     max_tokens_for,
     new_request_id,
-    priority_of,
     respond,
     sampling_params,
     sse,
-    tenant_of,
     usage_of,
 )
 from lmserve.server.state import ServerState
@@ -80,16 +79,16 @@ async def create_completion(body: CompletionRequest, http: Request, state: Serve
     engine, tokenizer = state.require_ready()
     prompts = encode_prompts(body, tokenizer)
     request_id = new_request_id("cmpl")
-    tenant = tenant_of(body, http)
+    identity = identity_of(body, http, state.options)
     generations = []
     for i, (_, ids) in enumerate(prompts):
         prompt_logprobs = body.logprobs if body.echo else None
         params = sampling_params(state, body, max_tokens_for(state, len(ids), body.max_tokens), body.logprobs,
                                  prompt_logprobs)
         generations.append(Generation(engine, tokenizer, f"{request_id}-{i}", ids, params,
-                                      priority_of(body, http), tenant, index_offset=i * body.n))
+                                      identity.priority, identity.tenant, index_offset=i * body.n))
     created = int(time.time())
-    accounting = Accounting(state, generations, tenant)
+    accounting = Accounting(state, generations, identity.tenant, identity.priority)
 
     def chunk(choices: list[dict], usage: dict | None = None, with_usage: bool = False) -> bytes:
         payload = {"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,

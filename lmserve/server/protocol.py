@@ -46,8 +46,10 @@ class GenerationFields(StrictModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: int = 0
+    priority: int | str | None = None
+    """high, normal, low or an engine integer; honoured only with trust_client_identity (identity.py)."""
     tenant: str | None = None
+    """Honoured only with trust_client_identity; a gateway sends the key's tenant in a header."""
 
     @field_validator("logit_bias")
     @classmethod

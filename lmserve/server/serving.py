@@ -26,7 +26,7 @@ from lmserve.server.errors import (
     unavailable,
 )
 from lmserve.server.generation import Generation, RequestTimedOut
-from lmserve.server.logs import log_request, request_id_var
+from lmserve.server.logs import log_request
 from lmserve.server.protocol import GenerationFields, PromptTokensDetails, Usage
 from lmserve.server.state import ServerState
 
@@ -70,21 +70,9 @@ def sampling_params(
 
 
 def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{request_id_var.get() or uuid.uuid4().hex}"
-
-
-def tenant_of(body: GenerationFields, http: Request) -> str:
-    return body.tenant or http.headers.get("x-tenant") or body.user or ""
-
-
-def priority_of(body: GenerationFields, http: Request) -> int:
-    header = http.headers.get("x-priority")
-    if header is not None and body.priority == 0:
-        try:
-            return int(header)
-        except ValueError:
-            raise bad_request("X-Priority must be an integer", param="priority") from None
-    return body.priority
+    """A fresh, unguessable id for the engine and the response `id`. The client's X-Request-ID is a
+    correlation id only (logs, echoed header): two requests may share it, engine ids never."""
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def usage_of(generations: list[Generation]) -> Usage:
@@ -128,6 +116,7 @@ class Accounting:
     state: ServerState
     generations: list[Generation] = field(default_factory=list)
     tenant: str = ""
+    priority: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def begin(self) -> Accounting:
@@ -165,7 +154,7 @@ class Accounting:
             metrics.observe_failure(status, failure or finish or "abort")
         cached = usage.prompt_tokens_details.cached_tokens if usage and usage.prompt_tokens_details else 0
         log_request(
-            logger, model=self.state.model_name, tenant=self.tenant, status=status,
+            logger, model=self.state.model_name, tenant=self.tenant, priority=self.priority, status=status,
             prompt_tokens=usage.prompt_tokens if usage else 0,
             generation_tokens=usage.completion_tokens if usage else 0,
             cached_tokens=cached, queue_time=queue, ttft=ttft, latency=round(latency, 6), finish_reason=finish,

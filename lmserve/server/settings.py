@@ -43,6 +43,10 @@ class ServerOptions:
     engine_mode: str = "process"
     """process: the engine steps in a child process of its own; thread: on a thread beside the
     HTTP event loop, sharing its GIL (see benchmarks/README.md for which is faster)."""
+    trust_client_identity: bool = False
+    """Honour the priority and tenant a client writes itself (body priority and tenant, X-Priority,
+    X-Tenant headers). Off: they are ignored, and only a gateway holding api_key sets them (its
+    X-Lmserve-Tenant and X-Lmserve-Priority headers). Turn on only when every client is trusted."""
     tensor_parallel_size: int = 1
     """Devices one model is split across; only 1 is supported (scale out with replicas behind the gateway)."""
 

@@ -35,7 +35,7 @@ class ModelDeployment:
             raise ValueError(f"model {self.name!r}: replicas must be >= 1, got {self.replicas}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"model {self.name!r}: strategy must be one of {', '.join(STRATEGIES)}")
-        for key in ("port", "served_model_name", "model", "host"):
+        for key in ("port", "served_model_name", "model", "host", "api_key"):
             if key in self.serve:
                 raise ValueError(f"model {self.name!r}: serve.{key} is set by the stack itself")
 

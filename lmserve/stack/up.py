@@ -58,6 +58,8 @@ class Stack:
         self.supervisor = Supervisor(config.restart_backoff_max, say)
         self.servers: list[tuple[ModelDeployment, int, Child]] = []
         self.gateway: Child | None = None
+        self.backend_key = ""
+        """Bearer key of every server, sent by the gateway (created in `start`)."""
         self.database_url = config.database_url or f"sqlite:///{self.home / 'keys.db'}"
 
     @property
@@ -71,6 +73,8 @@ class Stack:
     def start(self) -> str:
         """Starts everything and returns the API key to print. Raises RuntimeError if a part fails."""
         self.home.mkdir(parents=True, exist_ok=True)
+        # The servers trust the tenant and priority the gateway sends only from a holder of their key.
+        self.backend_key = _private_file(self.home / "backend_key", lambda: "srv-" + secrets.token_urlsafe(24))
         self._start_servers()
         gateway_file = self._write_gateway_config()
         api_key = self.config.api_key or self._create_key()
@@ -88,7 +92,8 @@ class Stack:
                 args = cli("serve", model.model, "--port", str(port), "--served-model-name", model.name,
                            *serve_flags(model.serve))
                 name = f"{model.name}-{replica}"
-                child = Child(name, args, self.logs / f"{name}.log", f"http://127.0.0.1:{port}/ready")
+                child = Child(name, args, self.logs / f"{name}.log", f"http://127.0.0.1:{port}/ready",
+                              env={"LMSERVE_API_KEY": self.backend_key})  # in env, not on `ps` output
                 self.servers.append((model, port, self.supervisor.add(child)))
                 port += 1
         self.say(f"starting {len(self.servers)} model server(s); logs in {self.logs}")
@@ -98,7 +103,7 @@ class Stack:
         admin_key = _private_file(self.home / "admin_key", lambda: "adm-" + secrets.token_urlsafe(24))
         models = [
             {"name": m.name, "strategy": m.strategy,
-             "backends": [{"url": url} for url in self.server_urls(m)]}
+             "backends": [{"url": url, "api_key": self.backend_key} for url in self.server_urls(m)]}
             for m in self.config.models
         ]
         config: dict[str, Any] = {

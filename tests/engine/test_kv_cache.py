@@ -1,3 +1,4 @@
+from lmserve.engine.block_pool import hash_block, tenant_salt
 from lmserve.engine.kv_cache import KVCacheManager
 
 from .helpers import make_seq
@@ -85,6 +86,36 @@ def test_prefix_caching_off_never_hits():
     seq.num_computed_tokens = 4
     kv.cache_blocks(seq)
     assert kv.get_computed_blocks(make_seq(4)) == []
+
+
+def cached_prompt(kv, num_tokens, tenant):
+    """A sequence of `tenant` whose full blocks went into the prefix cache, then freed."""
+    seq = make_seq(num_tokens, tenant=tenant)
+    kv.allocate_slots(seq, num_tokens)
+    seq.num_computed_tokens = num_tokens
+    kv.cache_blocks(seq)
+    kv.free(seq)
+    return seq
+
+
+def test_block_hashes_are_salted_by_tenant_so_tenants_never_hit_each_others_prefixes():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    a = cached_prompt(kv, 9, "tenant-a")
+    first, second = [1, 2, 3, 4], [5, 6, 7, 8]
+    salted = hash_block(tenant_salt("tenant-a"), first)
+    assert a.block_hashes == [salted, hash_block(salted, second)]
+    assert salted != hash_block(None, first) and tenant_salt("") is None
+
+    assert kv.get_computed_blocks(make_seq(9, tenant="tenant-b")) == []
+    assert kv.get_computed_blocks(make_seq(9)) == []  # no tenant: no salt, so no hit either
+    assert [b.block_id for b in kv.get_computed_blocks(make_seq(9, tenant="tenant-a"))] == [0, 1]
+
+
+def test_sharing_across_tenants_hits_any_tenants_prefix():
+    kv = KVCacheManager(num_blocks=8, block_size=4, share_across_tenants=True)
+    a = cached_prompt(kv, 9, "tenant-a")
+    assert a.block_hashes[0] == hash_block(None, [1, 2, 3, 4])
+    assert [b.block_id for b in kv.get_computed_blocks(make_seq(9, tenant="tenant-b"))] == [0, 1]
 
 
 def computed(seq, num_tokens):

@@ -3,6 +3,7 @@ servers of the demo model) on free ports, crash of a replica, and a clean stop."
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -78,6 +79,14 @@ def test_default_stack_serves_survives_a_crash_and_stops_everything(stack):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
     with pytest.raises(Exception, match="401|nvalid"):
         OpenAI(base_url=stack.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    # The servers take requests only with their own key, which the gateway holds: a client cannot go
+    # around it, and what the engine schedules by is the key's identity (this key has no tenant: its id).
+    direct = httpx.post(f"http://127.0.0.1:{stack.server_port(0)}/v1/completions", timeout=30,
+                        json={"model": MODEL, "prompt": "x", "max_tokens": 1, "priority": -1000})
+    assert direct.status_code == 401
+    served = [json.loads(line) for log in (stack.home / "logs").glob(f"{MODEL}-*.log")
+              for line in log.read_text().splitlines() if '"msg":"request"' in line]
+    assert served and all(re.fullmatch(r"[0-9a-f]{16}", e["tenant"]) for e in served), served
 
     crashed_port = stack.server_port(0)
     os.kill(server_pid(stack.popen.pid, crashed_port), signal.SIGKILL)
