@@ -1,0 +1,33 @@
+"""The server's engine process: large event batches over its pipes, and how its death is reported."""
+
+import asyncio
+
+import httpx
+
+from tests.server.conftest import MODEL_NAME
+
+PROMPT_TOKENS = 1000
+
+
+def test_event_batches_larger_than_the_pipe_do_not_kill_the_engine(start_server):
+    """Issue 14 item 8. Each echoed request below carries ~80 KB of prompt log-probabilities back from
+    the engine; 24 of them prefilled in one step make one event batch of ~2 MB, more than the 1 MiB
+    pipe holds, so the server reads it in parts. uvloop (uvicorn's loop) makes the read end of the
+    pipe non-blocking, and the server took the first empty read as the engine's death."""
+    # The PyTorch attention path: the transport is under test, not the C++ kernels (built at first use).
+    server = start_server("--num-blocks", "4096", "--max-num-batched-tokens", "32768", "--max-num-seqs", "64",
+                          "--attention-backend", "torch")
+    body = {"model": MODEL_NAME, "max_tokens": 1, "echo": True, "logprobs": 20, "temperature": 0}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            return await asyncio.gather(*(
+                http.post("/v1/completions", json={**body, "prompt": [(7 * i + r) % 480 + 20 for i in range(PROMPT_TOKENS)]})
+                for r in range(24)))
+
+    for _ in range(3):
+        responses = asyncio.run(burst())
+        assert [r.status_code for r in responses] == [200] * len(responses), responses[0].text
+        assert all(len(r.json()["choices"][0]["logprobs"]["top_logprobs"]) == PROMPT_TOKENS + 1 for r in responses)
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert not server.log_entries("the engine process exited (code %s)")
