@@ -1,6 +1,9 @@
 """The server's engine process: large event batches over its pipes, and how its death is reported."""
 
 import asyncio
+import os
+import signal
+import time
 
 import httpx
 
@@ -31,3 +34,38 @@ def test_event_batches_larger_than_the_pipe_do_not_kill_the_engine(start_server)
         assert all(len(r.json()["choices"][0]["logprobs"]["top_logprobs"]) == PROMPT_TOKENS + 1 for r in responses)
     assert httpx.get(server.url + "/health").status_code == 200
     assert not server.log_entries("the engine process exited (code %s)")
+
+
+def test_a_killed_engine_is_logged_fails_its_requests_and_stops_the_server(start_server):
+    """Issue 14 item 8: the cause of the engine's death is logged, the stream in flight ends with an
+    error, /ready never says 200 again, and the server exits non-zero so that a supervisor restarts it."""
+    server = start_server("--attention-backend", "torch")
+    engine_pid = _engine_pid(server.popen.pid)
+    body = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", server.url + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        os.kill(engine_pid, signal.SIGKILL)
+        rest = "\n".join(lines)
+    assert "error" in rest and "[DONE]" not in rest.split("error", 1)[0], rest[-500:]
+    readiness, deadline = [], time.monotonic() + 30
+    try:
+        while server.popen.poll() is None and time.monotonic() < deadline:
+            readiness.append(httpx.get(server.url + "/ready", timeout=5).status_code)
+    except httpx.TransportError:
+        pass  # the server stopped listening
+    assert 200 not in readiness
+    assert server.popen.wait(30) != 0
+    [died] = server.log_entries("the engine died")
+    assert "SIGKILL" in died["cause"], died
+
+
+def _engine_pid(server_pid: int) -> int:
+    """The server's engine process: its child running lmserve.server.engine_process."""
+    for task in os.listdir(f"/proc/{server_pid}/task"):
+        with open(f"/proc/{server_pid}/task/{task}/children") as f:
+            for pid in f.read().split():
+                with open(f"/proc/{pid}/cmdline", "rb") as cmd:
+                    if b"lmserve.server.engine_process" in cmd.read():
+                        return int(pid)
+    raise AssertionError(f"no engine process under {server_pid}")
