@@ -10,9 +10,11 @@ process; `ProcessEngine` (lmserve.engine.engine_process) in a child process of i
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +29,10 @@ Command = tuple[Any, ...]
 ("stop", request_id, index)."""
 Event = tuple[Any, ...]
 """("added", request_id, error or None) | ("step", outputs, stats, seconds) | ("stats", stats) |
-("died", error): the step loop stopped on an error."""
+("died", error, traceback text): the step loop stopped on an error."""
 StepHook = Callable[[EngineStats, float], None]
+
+logger = logging.getLogger("lmserve.engine")
 
 
 class EngineDeadError(RuntimeError):
@@ -118,6 +122,8 @@ class EngineClient:
         self.config = config
         self.on_step: StepHook | None = None
         """Called on the event loop after every step with the stats and the step's seconds."""
+        self.on_death: Callable[[BaseException], None] | None = None
+        """Called on the event loop once, after the engine died and its requests were failed."""
         self.info: EngineInfo | None = None
         self.latest_stats: EngineStats | None = None
         self.error: BaseException | None = None
@@ -227,7 +233,7 @@ class EngineClient:
             else:
                 future.set_exception(error)
         elif kind == "died":
-            self._died(event[1])
+            self._died(event[1], event[2])
 
     def _fail_all(self, error: BaseException) -> None:
         dead = EngineDeadError(f"the engine stopped: {error}")
@@ -237,10 +243,16 @@ class EngineClient:
             if not future.done():
                 future.set_exception(dead)
 
-    def _died(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
+    def _died(self, error: BaseException, cause: str) -> None:
+        """Logs why the engine died (`cause`: a traceback, or how its process ended), fails every
+        request, then tells `on_death`. Only the first death counts."""
+        if self.error is not None:
+            return
+        self.error = error
+        logger.error("the engine died", extra={"fields": {"cause": cause}})
         self._fail_all(error)
+        if self.on_death is not None:
+            self.on_death(error)
 
 
 class ThreadEngine(EngineClient):
@@ -252,6 +264,7 @@ class ThreadEngine(EngineClient):
         super().__init__(config)
         self._steps: StepLoop | None = None
         self._thread: threading.Thread | None = None
+        self._is_stepping = True
 
     async def start(self) -> EngineInfo:
         loop = asyncio.get_running_loop()
@@ -265,7 +278,8 @@ class ThreadEngine(EngineClient):
 
     @property
     def is_alive(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        return (self.error is None and self._is_stepping and self._thread is not None
+                and self._thread.is_alive())
 
     def _send(self, command: Command) -> None:
         if self._steps is None:
@@ -276,9 +290,9 @@ class ThreadEngine(EngineClient):
         try:
             steps.run()
         except BaseException as exc:  # the loop must report any death, not vanish silently
-            self.error = exc  # at once, for is_alive; the event fails the requests on the loop
+            self._is_stepping = False  # at once, for is_alive; the event fails the requests on the loop
             if not loop.is_closed():
-                loop.call_soon_threadsafe(self._on_event, ("died", exc))
+                loop.call_soon_threadsafe(self._on_event, ("died", exc, traceback.format_exc()))
 
     async def shutdown(self) -> None:
         if self._steps is not None:

@@ -165,9 +165,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> Response:
-        """Readiness: loaded, warmed up, not draining."""
-        is_ready = state.phase is Phase.READY and state.engine is not None and state.engine.is_alive
-        return json_response({"status": state.phase.value}, 200 if is_ready else 503)
+        """Readiness: loaded, warmed up, not draining, engine alive."""
+        is_alive = state.engine is not None and state.engine.is_alive
+        is_ready = state.phase is Phase.READY and is_alive
+        status = "dead" if state.phase is Phase.READY and not is_alive else state.phase.value
+        return json_response({"status": status}, 200 if is_ready else 503)
 
     @app.get("/v1/status")
     async def status() -> Response:

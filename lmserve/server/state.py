@@ -46,13 +46,15 @@ class ServerState:
     metrics: ServerMetrics | None = None
     max_model_len: int = 0
     load_error: str | None = None
+    """Why the server failed (phase FAILED): the model did not load, or the engine died."""
     started_at: float = field(default_factory=time.time)
     num_in_flight: int = 0
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     """Sampling values for requests that omit them: the model's generation_config.json (when
     options.generation_config is auto), read at load."""
     on_failure: Callable[[], None] | None = None
-    """Called when the model fails to load (the process runner stops the server)."""
+    """Called when the server can no longer serve: the model failed to load, or the engine died
+    (the process runner then stops the server, which exits non-zero so that a supervisor restarts it)."""
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -81,6 +83,7 @@ class ServerState:
                 engine_alive=lambda: engine.is_alive,
             )
             engine.on_step = lambda stats, _: metrics.observe_step(stats.last_step_num_tokens)
+            engine.on_death = self._engine_died
             self.engine, self.metrics = engine, metrics
             if self.options.warmup:
                 await self._warmup()
@@ -106,14 +109,23 @@ class ServerState:
         async for _ in await self.engine.generate("warmup", prompt, params):
             pass
 
+    def _engine_died(self, error: BaseException) -> None:
+        """The engine cannot serve any more (its requests were already failed): the server stops,
+        and exits non-zero, so that `lmserve up`, Docker or Kubernetes starts a fresh one."""
+        self.load_error = " ".join(f"{type(error).__name__}: {error}".split())
+        self.phase = Phase.FAILED
+        logger.error("stopping the server: the engine died", extra={"fields": {"in_flight": self.num_in_flight}})
+        if self.on_failure is not None:
+            self.on_failure()
+
     def require_ready(self) -> tuple[EngineClient, Tokenizer]:
         """Engine and tokenizer, or a 503 when the server is loading, draining or its engine died."""
+        if self.engine is not None and not self.engine.is_alive and self.phase is not Phase.LOADING:
+            raise unavailable("the engine stopped after an error")
         if self.phase is Phase.DRAINING:
             raise unavailable("the server is shutting down")
         if self.phase is not Phase.READY or self.engine is None or self.tokenizer is None:
             raise unavailable("the model is still loading" if self.phase is Phase.LOADING else "the model failed to load")
-        if not self.engine.is_alive:
-            raise unavailable("the engine stopped after an error")
         return self.engine, self.tokenizer
 
     def request_started(self) -> None:
