@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint demo-model
+.PHONY: run test install venv kernels lint demo-model
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,12 +16,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-install: $(STAMP)
+# The Python packages only.
+venv: $(STAMP)
 
-run: $(STAMP)
+# The C++ CPU kernels for this CPU (lmserve/engine/kernels.py): about a minute the first time, a
+# second or two once built, so that no server start (and no test) pays for the build.
+kernels: $(STAMP)
+	$(PY) -m lmserve.engine.kernels build
+
+install: venv kernels
+
+run: install
 	$(VENV)/bin/lmserve up
 
-test: $(STAMP)
+test: install
 	scripts/install-test-deps.sh
 	$(PY) -m pytest -q
 

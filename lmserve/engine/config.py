@@ -42,7 +42,7 @@ class ModelConfig:
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
     attention_backend: str = "auto"
-    """torch (PyTorch ops, runs everywhere), cpu (C++ kernels built on first use: paged decode attention and fused norm, rotary and activation steps), or auto (cpu on CPUs when they build)."""
+    """torch (PyTorch ops, runs everywhere), cpu (C++ kernels built at install time or else at the first start: paged decode attention and fused norm, rotary and activation steps), or auto (cpu on CPUs when they build)."""
     linear_backend: str = "auto"
     """torch, onednn (weights prepacked for oneDNN: faster matrix multiplies on CPUs), or auto (onednn where it runs)."""
 

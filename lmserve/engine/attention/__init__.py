@@ -25,5 +25,5 @@ def make_backend(name: str, device: torch.device, block_size: int) -> AttentionB
         except KernelBuildError as exc:
             if name == "cpu":
                 raise ValueError(str(exc)) from None
-            logger.warning("%s; using the PyTorch attention backend", exc)
+            logger.warning("%s; using the PyTorch attention backend (slower)", exc)
     return TorchAttentionBackend(block_size)

@@ -7,7 +7,7 @@ Cache layout per layer: `[2, num_kv_heads, num_blocks, block_size * head_dim]`, 
 transposed (see ../csrc/paged_attention_cpu.cpp). Only the block axis matters to code outside the
 backend (swapping copies whole blocks), and it is where the PyTorch backend has it.
 
-The kernels are compiled on first use (lmserve/engine/kernels.py).
+The kernels are built at install time, or else at the first start (lmserve/engine/kernels.py).
 """
 
 from __future__ import annotations
