@@ -73,11 +73,13 @@ def drive_traffic(gateway: GatewayProc) -> str:
 
 
 def start_tiny_server(tmp: Path) -> Process:
-    """A server on a tiny Llama; its readiness deadline allows for a machine shared with other jobs."""
+    """A server on a tiny Llama with PyTorch ops (no wait on a C++ kernel build: these tests are about
+    metrics); its readiness deadline allows for a machine shared with other jobs."""
     model = tmp / "model"
     build_model("llama3", model)
     port = free_port()
-    return start_process(serve_args(model, port), port, tmp / "server.log", ready_path="/ready", timeout=600)
+    args = serve_args(model, port, "--attention-backend", "torch", "--linear-backend", "torch")
+    return start_process(args, port, tmp / "server.log", ready_path="/ready", timeout=300)
 
 
 @pytest.fixture(scope="module")
