@@ -45,13 +45,13 @@ class LiveStack:
         return response.text
 
 
-def start_gateway(tmp: Path, config: dict, name: str = "gw") -> GatewayProc:
+def start_gateway(tmp: Path, config: dict, name: str = "gw", scheme: str = "http") -> GatewayProc:
     port = free_port()
     config = {**config, "port": port}
     path = tmp / f"{name}-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = start_process(python_module("lmserve.cli", "gateway", "--config", str(path)), port,
-                         tmp / f"{name}-{port}.log")
+                         tmp / f"{name}-{port}.log", scheme=scheme)
     return GatewayProc(proc, config, path)
 
 
