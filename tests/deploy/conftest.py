@@ -115,7 +115,7 @@ def _wait_for_scrapes(prom: LivePrometheus, popen: subprocess.Popen, log: Path, 
         try:
             result = prom.query('count_over_time(up{job=~"lmserve-server|lmserve-gateway"}[1m]) >= 3 '
                                 'and up == 1')["data"]["result"]
-        except (httpx.HTTPError, KeyError):
+        except (httpx.HTTPError, KeyError, ValueError):  # ValueError: a plain-text 503 while starting
             result = []
         if len(result) == 2:
             return
