@@ -7,6 +7,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # promtool and a Prometheus server: tests/deploy/ check and unit-test the rules and run dashboard queries.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# sqlite3: the disaster-recovery drill backs up a gateway key database with `sqlite3 .backup`.
+command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"
   sudo_cmd=""

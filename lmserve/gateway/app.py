@@ -44,6 +44,8 @@ class Gateway:
     def __init__(self, config: GatewayConfig, tracer: Tracer | None = None, resolver: Resolver | None = None) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
+        if config.tls_certfile:
+            self.metrics.set_tls_certificate(config.tls_certfile)
         self.router = Router(config)
         self.upstream = UpstreamPool()
         redaction = config.redaction

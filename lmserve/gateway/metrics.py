@@ -116,6 +116,18 @@ class GatewayMetrics:
                                            "Failed calls to shared state (Redis); the gateway failed open.",
                                            ["component"], registry=r)
         self.cache = Counter("lmserve_gateway_cache", "Response cache lookups.", ["result"], registry=r)
+        self.tls_cert_expiry = Gauge("lmserve_gateway_tls_cert_expiry_timestamp_seconds",
+                                     "Unix time the served TLS certificate expires (only when terminating TLS).",
+                                     ["certfile"], registry=r)
+
+    def set_tls_certificate(self, certfile: str) -> None:
+        """Read once: the server's TLS context is built at start, so the certificate it serves is the
+        one on disk then, even if the file is rotated later (a restart picks the new one up)."""
+        from cryptography import x509
+
+        with open(certfile, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        self.tls_cert_expiry.labels(certfile).set(cert.not_valid_after_utc.timestamp())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -253,3 +253,19 @@ def test_in_chart_datastores_wire_the_gateway() -> None:
 def test_bad_values_are_refused_with_a_message(bad: dict, message: str) -> None:
     with pytest.raises(Exception, match=message):
         render(bad)
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES)
+def test_rendered_gateway_config_loads_in_the_gateway(values_file: str, tmp_path: Path) -> None:
+    """The ConfigMap's gateway.yaml plus the Secret's variables is a config the gateway accepts."""
+    from lmserve.gateway.config import load_config
+
+    docs = render_file(values_file)
+    (configmap,) = component(docs, "ConfigMap", "gateway")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(configmap["data"]["gateway.yaml"])
+    env = {"LMSERVE_GATEWAY_ADMIN_KEY": "k", "LMSERVE_GATEWAY_DATABASE_URL": "sqlite:////data/g.db"}
+    config = load_config(path, env=env)
+    assert [m.name for m in config.models] == [m["name"] for m in values(values_file)["models"]]
+    assert all(b.discovery == "dns" for m in config.models for b in m.backends)
+    assert config.host == "0.0.0.0" and config.admin_key == "k"
