@@ -123,11 +123,24 @@ def wheelhouse(cache: Path, dockerd: Dockerd) -> Path:
     return wheels
 
 
+# The wheelhouse URL is a build arg, so part of the layer cache key: a port that changed between
+# runs would rebuild every layer after it. The first free one of these is, almost always, the same.
+WHEEL_PORTS = range(48731, 48751)
+
+
 @contextlib.contextmanager
 def serve_directory(path: Path) -> Iterator[str]:
     """Serves `path` on 127.0.0.1 (a directory listing is a valid pip --find-links page)."""
     handler = functools.partial(_QuietHandler, directory=str(path))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = None
+    for port in WHEEL_PORTS:
+        try:
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+            break
+        except OSError:
+            continue
+    if server is None:
+        raise RuntimeError(f"no free port in {WHEEL_PORTS} to serve the wheelhouse on")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
