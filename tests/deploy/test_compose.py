@@ -170,6 +170,10 @@ def build_images(dockerd: Dockerd, wheels: Path) -> None:
     with serve_directory(wheels) as url:
         dockerd.build("lmserve:cpu", REPO_ROOT / "deploy" / "docker" / "Dockerfile", REPO_ROOT,
                       {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": url})
+    # Each change of lmserve's code leaves a ~3 GB image and its build cache behind in the cached
+    # data root: keep the newest layers only.
+    dockerd.docker(["image", "prune", "-f"])
+    dockerd.docker(["builder", "prune", "-f", "--keep-storage", "8GB"])
 
 
 @pytest.fixture(scope="module")
