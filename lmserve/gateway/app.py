@@ -168,6 +168,9 @@ class Gateway:
                         {"status": "ready" if is_ready else "no available backend", "models": available})
 
     def _refresh_gauges(self) -> None:
+        # Cleared first: a backend removed (by discovery or the admin API) must not linger as a series.
+        self.metrics.breaker_state.clear()
+        self.metrics.backend_healthy.clear()
         for pool, backend in self.router.all_backends():
             self.metrics.breaker_state.labels(pool.name, backend.url).set(breaker_state_value(backend))
             self.metrics.backend_healthy.labels(pool.name, backend.url).set(1 if backend.is_available() else 0)

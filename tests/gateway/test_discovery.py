@@ -238,6 +238,7 @@ class _Load:
             thread.join(60)
 
 
+@pytest.mark.slow  # three model servers
 def test_scaling_the_name_changes_the_pool_without_a_config_change(servers, tmp_path: Path) -> None:
     port, _ = servers
     urls = [f"http://{h}:{port}" for h in HOSTS]
@@ -269,6 +270,9 @@ def test_scaling_the_name_changes_the_pool_without_a_config_change(servers, tmp_
             _wait_until(lambda: load.num_ok >= num_ok_then + 8, "more requests after the scale-in")
         assert load.errors == []
         assert _served_by(gateway.url).get(urls[0], 0) == served_then  # nothing new went to it
+        metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+        healthy = re.findall(r'lmserve_gateway_backend_healthy\{[^}]*backend="([^"]+)"', metrics)
+        assert sorted(healthy) == urls[1:]  # the removed backend's series is gone
         log = gateway.log()
         assert f"backend {urls[0]} of 'tiny' left DNS: draining" in log
         assert f"backend {urls[0]} of 'tiny' drained: removed" in log
