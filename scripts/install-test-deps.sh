@@ -9,6 +9,14 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # sqlite3: the disaster-recovery drill backs up a gateway key database with `sqlite3 .backup`.
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
+# The deploy tests (tests/deploy/): a Docker daemon and its runtime, Debian's client (BuildKit builds
+# without buildx), debootstrap for the local base image; Compose and hadolint come from the dev extra.
+command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
+[ -x /usr/bin/docker ] || need+=(docker.io)
+command -v containerd >/dev/null 2>&1 || need+=(containerd)
+command -v runc >/dev/null 2>&1 || need+=(runc)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"
   sudo_cmd=""
@@ -16,4 +24,3 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-"$(dirname "$0")/install-deploy-deps.sh"

@@ -178,7 +178,7 @@ def build_images(dockerd: Dockerd, wheels: Path) -> None:
 
 @pytest.fixture(scope="module")
 def dockerd() -> Iterator[Dockerd]:
-    subprocess.run([str(REPO_ROOT / "scripts" / "install-deploy-deps.sh")], check=True)
+    subprocess.run([str(REPO_ROOT / "scripts" / "install-test-deps.sh")], check=True)
     cache = cache_dir()
     with cache_lock(cache):
         daemon = Dockerd(cache / "docker", address_pool="10.199.0.0/16")
