@@ -36,6 +36,9 @@ def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
         and dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        # oneDNN packs bfloat16 weights only on CPUs with AVX-512 BW/VL/DQ or AVX-NE-CONVERT; an
+        # AVX2-only CPU (an AMD EPYC of this machine's kind) gets the PyTorch path instead.
+        and (dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
     )
 
 
@@ -54,5 +57,5 @@ def choose_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -
         return "torch"
     available = onednn_available(device, dtype)
     if name == "onednn" and not available:
-        raise ValueError(f"linear_backend onednn needs a CPU, float32 or bfloat16, and PyTorch with oneDNN ({device}, {dtype})")
+        raise ValueError(f"linear_backend onednn needs a CPU, float32 (or bfloat16 on a CPU with AVX-512 BF16 support), and PyTorch with oneDNN ({device}, {dtype})")
     return "onednn" if available else "torch"
