@@ -170,6 +170,7 @@ class Dockerd:
 
     def start(self, timeout: float = 120) -> None:
         self.data_root.mkdir(parents=True, exist_ok=True)
+        _stop_orphans(self.data_root)
         log = open(self.run_dir / "dockerd.log", "wb")
         self.popen = subprocess.Popen(
             ["dockerd", "--data-root", str(self.data_root), "--exec-root", str(self.run_dir / "exec"),
@@ -224,6 +225,41 @@ class Dockerd:
         if target:
             args += ["--target", target]
         self.docker([*args, str(context)], timeout=timeout)
+
+
+def _stop_orphans(data_root: Path) -> None:
+    """Kills a daemon left on `data_root` by a test run that was itself killed (its containerd
+    holds the data root's lock, and a new daemon's containerd then times out at start). The
+    caller holds the cache lock, so no live test owns such a daemon."""
+    wanted = str(data_root.resolve())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not argv or Path(argv[0]).name != "dockerd" or "--data-root" not in argv:
+            continue
+        index = argv.index("--data-root") + 1
+        if index < len(argv) and str(Path(argv[index]).resolve()) == wanted:
+            pid = int(entry.name)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(pid), signal.SIGTERM)  # dockerd ran in its own session
+            _wait_gone(pid, 60)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return  # exited; only its parent's wait is missing
+        except (OSError, IndexError):
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _mounts_under(path: Path) -> list[str]:
