@@ -31,7 +31,7 @@ run: install
 
 test: install
 	scripts/install-test-deps.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmserve tests
