@@ -2,6 +2,7 @@
 
     python benchmarks/gateway_overhead.py                # everything, writes benchmarks/RESULTS.md
     python benchmarks/gateway_overhead.py --only lmserve --no-write
+    python benchmarks/gateway_overhead.py --only lmserve --baseline ace12f1   # before/after, one run
 
 Measures, for each target in front of the same mock upstream (benchmarks/mock_upstream.py):
 - max requests/s at 64 connections (wrk, non-streamed chat completions, `--duration` seconds);
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import re
 import shutil
@@ -42,7 +44,6 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.results import write_section
 from benchmarks.servers import free_port, stop_group, wait_http
-from lmserve.gateway.keystore import KeyStore
 from lmserve.gateway.upstream import UpstreamError, UpstreamPool
 
 VENVS = REPO / "benchmarks" / ".venvs"
@@ -85,20 +86,38 @@ class Target:
             stop_group(self.proc)
 
 
-def start_lmserve(upstream: str, tmp: Path) -> Target:
-    db = f"sqlite:///{tmp / 'gateway.db'}"
-    key, _ = KeyStore(db).create_key("bench", rpm=10**9, tpm=10**12)
+def start_lmserve(upstream: str, tmp: Path, source: Path = REPO, label: str = "lmserve gateway") -> Target:
+    """The gateway from `source` (this checkout, or an export of an older commit for --baseline),
+    with its key made by that source's own key store."""
+    work = tmp / label.replace(" ", "-")
+    work.mkdir(exist_ok=True)
+    db = f"sqlite:///{work / 'gateway.db'}"
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    key = subprocess.run([sys.executable, "-c", "import sys; from lmserve.gateway.keystore import KeyStore; "
+                          "print(KeyStore(sys.argv[1]).create_key('bench', rpm=10**9, tpm=10**12)[0])", db],
+                         cwd=source, env=env, capture_output=True, text=True, check=True).stdout.strip()
     port = free_port()
     config = {"models": [{"name": "mock", "backends": [{"url": upstream}]}], "port": port, "database_url": db,
               "access_log": False, "log_level": "warning", "health": {"probe_interval": 5}}
-    path = tmp / "lmserve-gateway.yaml"
+    path = work / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(pinned(GATEWAY_CORE, [sys.executable, "-m", "lmserve.cli", "gateway", "-c", str(path)]),
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=_log(tmp / "lmserve.log"),
+                            cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=_log(work / "gateway.log"),
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc=proc)
-    return Target("lmserve gateway", url, {"authorization": f"Bearer {key}"}, proc)
+    return Target(label, url, {"authorization": f"Bearer {key}"}, proc)
+
+
+def export_commit(ref: str, tmp: Path) -> tuple[Path, str]:
+    """The tree of `ref` in a directory (no checkout touched) and its short hash."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    target = tmp / f"baseline-{commit}"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target, commit
 
 
 def start_litellm(upstream: str, tmp: Path) -> Target:
@@ -274,6 +293,12 @@ def table(results: list[Result], args: argparse.Namespace, load: str) -> str:
             per_run = ", ".join(f"{a / b:.2f}" for a, b in zip(ours.rps, by_name[other].rps))
             lines.append(f"- lmserve / {other} max req/s: **{ratio:.2f}x** (target >= {target}x: {verdict}; "
                          f"per run: {per_run})")
+    baseline = next((r for r in results if r.name.startswith("lmserve gateway @")), None)
+    if ours and baseline:
+        per_run = ", ".join(f"{a / b:.2f}" for a, b in zip(ours.rps, baseline.rps))
+        lines.append(f"- lmserve now / {baseline.name.removeprefix('lmserve gateway ')} max req/s: "
+                     f"**{med(ours.rps) / med(baseline.rps):.2f}x** (per run: {per_run}); added p50 "
+                     f"{med(ours.p50) - med(direct.p50):.3f} ms now vs {med(baseline.p50) - med(direct.p50):.3f} ms")
     if ours:
         added = med(ours.p50) - med(direct.p50)
         lines.append(f"- lmserve added p50 at {args.rate:.0f} req/s: **{added:.3f} ms** "
@@ -304,6 +329,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="runs per target; medians are reported")
     parser.add_argument("--only", action="append", choices=sorted(STARTERS), help="targets besides direct")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
+    parser.add_argument("--baseline", metavar="REF", help="also run the lmserve gateway of this git commit, "
+                        "interleaved with today's (before/after in one run)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: apt-get install wrk")
@@ -318,12 +345,18 @@ def main() -> None:
     results = [Result("direct")]
     try:
         wait_http(upstream + "/health")
-        names = args.only or list(STARTERS)
-        results += [Result(STARTERS[n].__name__) for n in names]
+        starters = {name: STARTERS[name] for name in args.only or list(STARTERS)}
+        if args.baseline:
+            source, commit = export_commit(args.baseline, tmp)
+            label = f"lmserve gateway @{commit}"
+            starters = {"lmserve": start_lmserve, "baseline": functools.partial(
+                start_lmserve, source=source, label=label), **starters}
+        names = list(starters)
+        results += [Result(n) for n in names]
         for _ in range(args.repeat):
             measure(Target("direct", upstream), results[0], args, tmp)
             for name, result in zip(names, results[1:]):
-                target = STARTERS[name](upstream, tmp)
+                target = starters[name](upstream, tmp)
                 result.name = target.name
                 try:
                     measure(target, result, args, tmp)
