@@ -38,6 +38,8 @@ PROJECT = "lmserve-test"
 SERVICES = ["server-1", "server-2", "gateway", "redis", "postgres", "prometheus", "alertmanager"]
 SERVICE_IMAGES = {"redis": "lmserve/redis:local", "postgres": "lmserve/postgres:local",
                   "prometheus": "lmserve/prometheus:local", "alertmanager": "lmserve/alertmanager:local"}
+# Small batches, so that a few streams make requests wait: the autoscaling signal under load.
+MAX_NUM_SEQS = 2
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
@@ -97,7 +99,8 @@ def _free_subnet() -> ipaddress.IPv4Network:
 
 def _write_test_configs(tmp: Path, subnet: ipaddress.IPv4Network, webhook_port: int) -> Path:
     """The compose file's own Prometheus config with 2 s intervals, an Alertmanager that sends to
-    the test's webhook at once, no host ports, and a fixed subnet (its .1 is the host)."""
+    the test's webhook at once, no host ports, a fixed subnet (its .1 is the host), and servers
+    that run MAX_NUM_SEQS sequences at a time."""
     prometheus = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
     prometheus["global"] = {"scrape_interval": "2s", "evaluation_interval": "2s"}
     for job in prometheus["scrape_configs"]:
@@ -116,6 +119,12 @@ def _write_test_configs(tmp: Path, subnet: ipaddress.IPv4Network, webhook_port: 
     override = tmp / "compose.test.yml"
     override.write_text(f"""
 services:
+  server-1:
+    environment:
+      LMSERVE_MAX_NUM_SEQS: "{MAX_NUM_SEQS}"
+  server-2:
+    environment:
+      LMSERVE_MAX_NUM_SEQS: "{MAX_NUM_SEQS}"
   gateway:
     ports: !reset []
   prometheus:
@@ -263,6 +272,76 @@ def test_prometheus_scrapes_every_server_and_gateway_replica(stack: dict[str, An
     assert {(r["metric"]["job"], r["value"][1]) for r in result} >= {("lmserve-server", "1"), ("lmserve-gateway", "1")}
     assert all(r["value"][1] == "1" for r in result), result
     assert len(result) == len(_targets(prometheus))
+
+
+def _adapter_query(matchers: str, group_by: str) -> str:
+    """The Prometheus Adapter rule the Helm chart ships, as the adapter expands it for a query."""
+    from tests.deploy.helm_render import by_kind, render_file
+
+    (adapter,) = [c for c in by_kind(render_file("values-prod.yaml"), "ConfigMap")
+                  if c["metadata"]["name"].endswith("prometheus-adapter")]
+    (rule,) = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    series = rule["seriesQuery"].split("{", 1)[0]
+    return (rule["metricsQuery"].replace("<<.Series>>", series).replace("<<.LabelMatchers>>", matchers)
+            .replace("<<.GroupBy>>", group_by))
+
+
+def _stream_until(gateway_ip: str, key: str, stop: threading.Event, errors: list[BaseException]) -> None:
+    """Keeps one long stream going until `stop` is set (a new one when a stream ends)."""
+    client = openai.OpenAI(base_url=f"http://{gateway_ip}:8080/v1", api_key=key, timeout=120, max_retries=0)
+    while not stop.is_set():
+        try:
+            stream = client.chat.completions.create(
+                model="lmserve-demo", max_tokens=400, stream=True,
+                messages=[{"role": "user", "content": "Tell me a long story."}])
+            for _ in stream:
+                if stop.is_set():
+                    stream.close()
+                    return
+        except openai.OpenAIError as exc:
+            errors.append(exc)
+            return
+
+
+def test_autoscaling_rule_reads_each_server_s_waiting_requests_under_load(stack: dict[str, Any]) -> None:
+    """The HPA's signal for real: under more streams than the servers run at once, the chart's
+    adapter rule gives one waiting-requests value per server, the same the servers export."""
+    compose, prometheus = stack["compose"], stack["prometheus"]
+    query = _adapter_query('job="lmserve-server"', "instance")
+
+    def per_server() -> dict[str, float]:
+        result = httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()
+        return {r["metric"]["instance"]: float(r["value"][1]) for r in result["data"]["result"]}
+
+    def exported(ip: str) -> float:
+        text = httpx.get(f"http://{ip}:8000/metrics", timeout=10).text
+        (line,) = [x for x in text.splitlines() if x.startswith("lmserve:num_requests_waiting")]
+        return float(line.rsplit(" ", 1)[1])
+
+    servers = {f"{name}:8000": compose.ips(name)[0] for name in ("server-1", "server-2")}
+    assert set(per_server()) == set(servers)
+    stop, errors = threading.Event(), []
+    gateways = compose.ips("gateway")
+    # 4 streams per server where each runs MAX_NUM_SEQS: about 2 wait on each.
+    streams = [threading.Thread(target=_stream_until, args=(gateways[i % 2], stack["key"], stop, errors))
+               for i in range(4 * MAX_NUM_SEQS)]
+    for thread in streams:
+        thread.start()
+    try:
+        waiting = wait_for("waiting requests on both servers, through the adapter rule",
+                           lambda: (lambda v: v if set(v) == set(servers) and min(v.values()) >= 1 else None)(
+                               per_server()), timeout=120)
+        # What Prometheus read is what each server says (the streams keep the queues full).
+        assert all(wait_for(f"{name} exports waiting requests", lambda ip=ip: exported(ip) >= 1, timeout=30)
+                   for name, ip in servers.items())
+        assert sum(waiting.values()) <= len(streams) - 2 * MAX_NUM_SEQS, waiting  # never more than was sent
+    finally:
+        stop.set()
+        for thread in streams:
+            thread.join(180)
+    assert not errors, errors
+    wait_for("queues empty again, through the adapter rule",
+             lambda: (lambda v: set(v) == set(servers) and max(v.values()) == 0)(per_server()), timeout=120)
 
 
 def test_killed_server_fires_backend_down_through_alertmanager_and_resolves(stack: dict[str, Any]) -> None:
