@@ -92,11 +92,12 @@ def start_process(args: list[str], port: int, log_path: Path, ready_path: str = 
     raise RuntimeError(f"{args[:4]} did not become ready in {timeout}s:\n{proc.log()[-3000:]}")
 
 
-def start_redis(tmp: Path) -> Process:
+def start_redis(tmp: Path, port: int | None = None) -> Process:
+    """A fresh, empty redis-server; `port` restarts one at the address of a stopped one."""
     server = shutil.which("redis-server")
     if server is None:
         raise RuntimeError("redis-server is missing: run scripts/install-test-deps.sh")
-    port = free_port()
+    port = port or free_port()
     popen = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                               "--dir", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 15

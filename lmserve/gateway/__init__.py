@@ -12,7 +12,8 @@ Modules, outside in:
   routing/        one file per strategy behind `RoutingStrategy`
   backends.py     per-backend state; breaker.py the circuit breaker; health.py the active probes
   auth.py         API keys (cached hashes) and JWT; keystore.py keys and the ledger in SQL
-  ratelimit.py    RPM/TPM/budgets in process; redis_ratelimit.py the same in Redis (atomic Lua)
+  ratelimit.py    RPM/TPM/budgets in process; redis_ratelimit.py the same in Redis (atomic Lua),
+                  over local_limits.py (this replica's own counts: the floor when Redis fails)
   cache.py        exact-match response cache; redact.py and sse.py stream rewriting
   ledger.py       batched usage writes; metrics.py Prometheus; logs.py JSON logs; tracing.py OTel
   admin.py        /admin/* ; config.py every setting; cli.py the typer commands

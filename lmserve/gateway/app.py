@@ -81,7 +81,8 @@ class Gateway:
             # Bounded waits: a stuck Redis must not stall requests (the handler fails open).
             self.redis = aioredis.from_url(config.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
             await self.redis.ping()
-            self.limiter = RedisRateLimiter(self.redis, config.limits.window_seconds, seed_budget)
+            self.limiter = RedisRateLimiter(self.redis, config.limits.window_seconds, seed_budget,
+                                            self._shared_state_error)
         else:
             self.limiter = MemoryRateLimiter(config.limits.window_seconds, seed_budget)
         if config.cache.enabled:
@@ -96,6 +97,10 @@ class Gateway:
         self.ledger.start()
         await self.discovery.start()
         self.health.start()
+
+    def _shared_state_error(self, exc: Exception) -> None:
+        self.metrics.shared_state_errors.labels("rate limiter").inc()
+        log.warning("rate limiter: Redis unavailable, counting in this replica: %r", exc)
 
     async def _on_complete(self, req: Any, result: Any, data: bytes | None) -> None:
         if self.handler is not None:

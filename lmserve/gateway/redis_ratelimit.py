@@ -3,13 +3,20 @@
 Each admission and each token record is one Lua script, so check-and-increment is atomic across
 replicas, and time comes from the Redis server (`TIME`), so replicas with skewed clocks agree on
 windows. Semantics match `MemoryRateLimiter` (see ratelimit.py).
+
+Redis unreachable, or back empty after a restart, must not let a key past its limit: every
+admission also counts in this replica (`LocalCounts`), which refuses first when its own counts are at
+the limit and decides alone while Redis fails. Each failure is reported to `on_error` (the gateway
+counts it in `lmserve_gateway_shared_state_errors_total`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lmserve.gateway.auth import Principal
+from lmserve.gateway.local_limits import LocalCounts
 from lmserve.gateway.ratelimit import BudgetSeed, LimitState
 
 _ADMIT = """
@@ -63,14 +70,29 @@ def _limit(value: int | None) -> int:
 class RedisRateLimiter:
     """Limits shared through Redis. `client` is a `redis.asyncio.Redis`."""
 
-    def __init__(self, client: Any, window_seconds: float, seed_budget: BudgetSeed | None = None) -> None:
+    def __init__(self, client: Any, window_seconds: float, seed_budget: BudgetSeed | None = None,
+                 on_error: Callable[[Exception], None] | None = None) -> None:
         self.client = client
         self.window_ms = int(window_seconds * 1000)
         self.seed_budget = seed_budget
+        self.on_error = on_error
+        self.local = LocalCounts(window_seconds)
         self._admit = client.register_script(_ADMIT)
         self._record = client.register_script(_RECORD)
 
     async def admit(self, principal: Principal) -> LimitState:
+        refused = self.local.refusal(principal)
+        if refused is not None:
+            return refused
+        try:
+            state = await self._shared_admit(principal)
+        except Exception as exc:  # noqa: BLE001 -- any failure of the shared store: local counts decide
+            self._failed(exc)
+            return self.local.admit_alone(principal)
+        self.local.follow(principal, state)
+        return state
+
+    async def _shared_admit(self, principal: Principal) -> LimitState:
         keys = _keys(principal.id)
         args = [self.window_ms, _limit(principal.rpm), _limit(principal.tpm), _limit(principal.budget_tokens)]
         result = await self._admit(keys=keys, args=args)
@@ -85,8 +107,16 @@ class RedisRateLimiter:
     async def record_tokens(self, principal: Principal, num_tokens: int) -> None:
         if num_tokens <= 0:
             return
+        self.local.record_tokens(principal, num_tokens)
         has_budget = "1" if principal.budget_tokens is not None else "0"
-        await self._record(keys=_keys(principal.id), args=[self.window_ms, num_tokens, has_budget])
+        try:
+            await self._record(keys=_keys(principal.id), args=[self.window_ms, num_tokens, has_budget])
+        except Exception as exc:  # noqa: BLE001 -- counted locally above
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        if self.on_error is not None:
+            self.on_error(exc)
 
     async def close(self) -> None:
         await self.client.aclose()

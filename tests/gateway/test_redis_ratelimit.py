@@ -131,15 +131,51 @@ def test_response_cache_is_shared_through_redis(backends, gateway_factory, tmp_p
     assert "x-lmserve-cache" not in third.headers and a.stats()["requests"] == 2
 
 
-def test_redis_outage_fails_open_and_is_counted(backends, gateway_factory, tmp_path: Path) -> None:
+def redis_gateway(backends, gateway_factory, tmp_path: Path, **limits: float):
     a = backends("a")
     redis = start_redis(tmp_path)
     config = base_config(tmp_path, [{"name": "m", "backends": [{"url": a.url}]}],
-                         redis_url=f"redis://127.0.0.1:{redis.port}/0")
-    gw = gateway_factory(config)
+                         redis_url=f"redis://127.0.0.1:{redis.port}/0", limits=limits)
+    return redis, gateway_factory(config)
+
+
+def test_redis_outage_falls_back_to_local_counts(backends, gateway_factory, tmp_path: Path) -> None:
+    redis, gw = redis_gateway(backends, gateway_factory, tmp_path)
     key = gw.create_key(rpm=2)
     assert [post(gw.url, key).status_code for _ in range(3)] == [200, 200, 429]
     redis.kill()
-    assert [post(gw.url, key).status_code for _ in range(3)] == [200, 200, 200]
+    # The window's two admissions were counted in this process too: no third one while Redis is away.
+    refused = [post(gw.url, key) for _ in range(3)]
+    assert [r.status_code for r in refused] == [429, 429, 429]
+    assert refused[0].json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused[0].headers["retry-after"]) <= 60
+    # A key this replica has not seen yet is limited locally too; asking Redis for it failed (counted).
+    other = gw.create_key(rpm=1)
+    assert [post(gw.url, other).status_code for _ in range(2)] == [200, 429]
     metrics = httpx.get(gw.url + "/metrics").text
     assert 'lmserve_gateway_shared_state_errors_total{component="rate limiter"}' in metrics
+
+
+def test_rpm_holds_across_a_redis_restart(backends, gateway_factory, tmp_path: Path) -> None:
+    redis, gw = redis_gateway(backends, gateway_factory, tmp_path)
+    key = gw.create_key(rpm=4)
+    assert [post(gw.url, key).status_code for _ in range(5)] == [200, 200, 200, 200, 429]
+    redis.kill()
+    restarted = start_redis(tmp_path, port=redis.port)  # same address, empty: the counters are gone
+    try:
+        statuses = [post(gw.url, key).status_code for _ in range(4)]
+    finally:
+        restarted.kill()
+    # Still the same 60 s window: 4 admitted before the restart is all the key may have.
+    assert statuses == [429, 429, 429, 429]
+
+
+def test_local_window_ends_on_time_during_an_outage(backends, gateway_factory, tmp_path: Path) -> None:
+    redis, gw = redis_gateway(backends, gateway_factory, tmp_path, window_seconds=5.0)
+    key = gw.create_key(rpm=1)
+    opened = time.monotonic()  # the window opens at the first request, not before this
+    assert [post(gw.url, key).status_code for _ in range(2)] == [200, 429]
+    redis.kill()
+    time.sleep(max(0.0, opened + 5.5 - time.monotonic()))  # past the window Redis opened
+    # Local counts are never stricter than the shared limit: a new (local) window admits again.
+    assert [post(gw.url, key).status_code for _ in range(2)] == [200, 429]
