@@ -78,7 +78,7 @@ class Gateway:
 
             from lmserve.gateway.redis_ratelimit import RedisRateLimiter
 
-            # Bounded waits: a stuck Redis must not stall requests (the handler fails open).
+            # Bounded waits: a stuck Redis must not stall requests (limits then count locally, the cache misses).
             self.redis = aioredis.from_url(config.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
             await self.redis.ping()
             self.limiter = RedisRateLimiter(self.redis, config.limits.window_seconds, seed_budget,
