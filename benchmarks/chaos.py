@@ -1,7 +1,7 @@
 """Chaos: the gateway and servers under streaming load while things break (issue 14).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --scale small   # ~2 min of load, a quick check
-    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --scale full    # writes the `chaos` section
+    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --scale small   # ~10 min on 2 busy cores
+    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --scale full --write  # ~30-60 min on 2 cores
     ... benchmarks/chaos.py --url http://127.0.0.1:8000 --admin-key KEY   # an existing local stack
 
 Without --url it starts `lmserve up` (2 demo servers, limits in its own Redis) on free loopback
@@ -12,7 +12,10 @@ ports in a temp home and stops it at the end. Scenarios, each under streaming lo
   d  restart Redis (the limits store) under a key limited in requests per minute (needs a started stack)
 Per scenario: requests sent, completed, refused (429/503 with Retry-After, median seconds to the
 refusal), clean error events, cut silently, other 5xx, double-charged (ledger vs what clients saw),
-seconds until every backend is back, and whether the stack still serves afterwards.
+seconds until every backend is back, and whether the stack still serves afterwards. Recovery in (a)
+is measured under load, from the killed server's /ready 200 to the gateway having every backend
+healthy again (and the first request seen on it); in (b)-(d) from the end of the load, with how often
+a backend was out of rotation during it. Progress lines every 15 s.
 Targets: 0 cut silently, 0 double-charged, 0 5xx from the gateway itself, every backend back within
 10 s of its server's return. The bugs found are reported, not fixed here.
 """
@@ -40,11 +43,17 @@ from benchmarks.chaos_stack import MODEL, Stack, server_pid, start_stack
 from benchmarks.results import write_section
 
 SCALES = {
-    # requests, concurrency, max_tokens per scenario; seconds of overload; calibration requests
-    "small": {"requests": 24, "concurrency": 6, "max_tokens": 32, "overload_seconds": 10, "calibrate": 12},
-    "full": {"requests": 200, "concurrency": 24, "max_tokens": 96, "overload_seconds": 60, "calibrate": 48},
+    # concurrency (streams at once), max_tokens, requests per closed-loop scenario (c, d x2), seconds of
+    # overload at 3x capacity (b), calibration requests, and a cap on any scenario's arrivals (seconds).
+    # `full` is the issue's size: 12 streams running when a server is killed (issue 14, item 8).
+    "small": {"requests": 24, "concurrency": 6, "max_tokens": 32, "overload_seconds": 10, "calibrate": 12,
+              "max_seconds": 300},
+    "full": {"requests": 120, "concurrency": 12, "max_tokens": 96, "overload_seconds": 60, "calibrate": 36,
+             "max_seconds": 900},
 }
 RECOVERY_TIMEOUT = 300.0
+UNBOUNDED = 1_000_000  # requests of a closed loop that runs until told to stop
+RATE_WINDOW = 60.0  # the gateway's default limits.window_seconds (the stack sets no other)
 
 
 @dataclass
@@ -57,6 +66,66 @@ class Row:
     back_after_return: float | None = None
     still_serving: bool = False
     notes: list[str] = field(default_factory=list)
+
+
+class Watch:
+    """Samples the gateway's view of the backends (every 0.25 s) while a scenario runs: how long any
+    backend was out of rotation, and when all were last seen back."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.out_seconds = 0.0
+        self.num_samples = self.num_out = 0
+        self.last_out: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            before = time.monotonic()
+            is_back = await asyncio.to_thread(self.stack.all_backends_back)
+            self.num_samples += 1
+            if not is_back:
+                self.num_out += 1
+                self.last_out = time.monotonic()
+            await asyncio.sleep(max(0.0, 0.25 - (time.monotonic() - before)))
+
+    def start(self) -> Watch:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def note(self) -> str:
+        return f"backends out of rotation in {self.num_out} of {self.num_samples} samples (0.25 s apart) during the load"
+
+
+async def _progress(letter: str, result: LoadResult, started: float) -> None:
+    """One line every 15 s, so a long run shows it is alive."""
+    while True:
+        await asyncio.sleep(15)
+        counts = {k: result.count(k) for k in ("completed", "refused", "error_event", "cut", "gateway_5xx",
+                                                  "transport", "left")}
+        print(f"  {letter} +{time.monotonic() - started:.0f}s: {len(result.outcomes)} ended "
+              + " ".join(f"{k} {v}" for k, v in counts.items() if v), flush=True)
+
+
+async def _load(stack: Stack, key: str, letter: str, spec: LoadSpec, stop: asyncio.Event | None = None,
+                max_seconds: float | None = None) -> LoadResult:
+    """`run_load` with progress lines and arrivals capped at `max_seconds`."""
+    stop = stop or asyncio.Event()
+    result = LoadResult()
+    started = time.monotonic()
+    ticker = asyncio.create_task(_progress(letter, result, started))
+    cap = asyncio.get_running_loop().call_later(max_seconds, stop.set) if max_seconds else None
+    try:
+        return await run_load(stack.url, key, MODEL, spec, stop=stop, result=result)
+    finally:
+        ticker.cancel()
+        if cap is not None:
+            cap.cancel()
 
 
 def _double_charged(stack: Stack, key_id: str, row: Row, max_tokens: int) -> None:
@@ -77,7 +146,7 @@ async def _wait_back(stack: Stack, since: float) -> float:
     while time.monotonic() - since < RECOVERY_TIMEOUT:
         if await asyncio.to_thread(stack.all_backends_back):
             return time.monotonic() - since
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.1)
     raise RuntimeError("backends not back in time")
 
 
@@ -87,70 +156,140 @@ def _serves(stack: Stack, key: str) -> bool:
     return result.count("completed") == 3
 
 
+async def _ready_again(victim: str, killed: float) -> float:
+    """When the killed server's /ready answers 200 again, having first been seen down."""
+    seen_down = False
+    async with httpx.AsyncClient(timeout=2) as client:
+        while time.monotonic() - killed < RECOVERY_TIMEOUT:
+            try:
+                is_ready = (await client.get(victim + "/ready")).status_code == 200
+            except httpx.HTTPError:
+                is_ready = False
+            seen_down = seen_down or not is_ready
+            if is_ready and seen_down:
+                return time.monotonic()
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{victim} never came back")
+
+
+async def _server_requests(victim: str) -> tuple[float, float]:
+    """(finished, running) requests of a server: its request_success + request_failure counters, and
+    its running gauge."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(victim + "/metrics")).text
+    finished = running = 0.0
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in ("lmserve:request_success_total", "lmserve:request_failure_total"):
+            finished += float(line.rsplit(" ", 1)[1])
+        elif name == "lmserve:num_requests_running":
+            running += float(line.rsplit(" ", 1)[1])
+    return finished, running
+
+
+async def _first_routed(victim: str, since: float) -> float | None:
+    """Seconds from `since` until the returned server runs or has finished a request it had not at
+    `since` (its own warm-up never counts: it is not an HTTP request)."""
+    baseline: float | None = None
+    while time.monotonic() - since < RECOVERY_TIMEOUT:
+        try:
+            finished, running = await _server_requests(victim)
+            baseline = finished if baseline is None else baseline
+            if running > 0 or finished > baseline:
+                return time.monotonic() - since
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.25)
+    return None
+
+
 async def _kill_server(stack: Stack, key: str, scale: dict) -> Row:
-    spec = LoadSpec(scale["requests"], scale["concurrency"], scale["max_tokens"], seed=1)
-    load = asyncio.create_task(run_load(stack.url, key, MODEL, spec))
-    await asyncio.sleep(2.0)
+    """Closed-loop streams run from before the kill until the gateway routes to the returned server
+    again (and 5 s more), so recovery is measured under load, from the server's return."""
+    stop = asyncio.Event()
+    spec = LoadSpec(UNBOUNDED, scale["concurrency"], scale["max_tokens"], seed=1)
+    load = asyncio.create_task(_load(stack, key, "a", spec, stop, scale["max_seconds"] + RECOVERY_TIMEOUT))
+    await asyncio.sleep(5.0)
     victim = (await asyncio.to_thread(stack.backends))[0]["url"]
     os.kill(server_pid(victim), signal.SIGKILL)
     killed = time.monotonic()
-    async with httpx.AsyncClient(timeout=2) as client:
-        while True:  # down first (the supervisor may not have noticed yet), then up again
-            try:
-                if (await client.get(victim + "/ready")).status_code == 200 and time.monotonic() - killed > 1:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - killed > RECOVERY_TIMEOUT:
-                raise RuntimeError(f"{victim} never came back")
-            await asyncio.sleep(0.1)
-    returned = time.monotonic()
-    back_after_return = await _wait_back(stack, returned)
+    print(f"  a: killed {victim}; waiting for it to be ready again", flush=True)
+    returned = await _ready_again(victim, killed)
+    print(f"  a: ready again after {returned - killed:.1f} s; waiting for the gateway to route to it", flush=True)
+    is_loaded = not load.done()
+    back_after, routed_after = await asyncio.gather(_wait_back(stack, returned), _first_routed(victim, returned))
+    is_loaded = is_loaded and not load.done()
+    await asyncio.sleep(5.0)
+    stop.set()
     row = Row("a: kill -9 a server", await load)
-    row.back_seconds = time.monotonic() - killed
-    row.back_after_return = back_after_return
-    row.notes.append(f"server {victim} ready again {returned - killed:.1f} s after the kill")
+    row.back_seconds = returned - killed + back_after
+    row.back_after_return = back_after
+    row.notes.append(f"server {victim} ready again {returned - killed:.1f} s after the kill; every backend "
+                     f"healthy in the gateway {back_after:.1f} s later; first request on it "
+                     + ("never" if routed_after is None else f"{routed_after:.1f} s") + " after its return"
+                     + ("" if is_loaded else "; NOTE: the load had ended before recovery was measured"))
     return row
 
 
 async def _overload(stack: Stack, key: str, scale: dict) -> Row:
     calibration = LoadSpec(scale["calibrate"], scale["concurrency"], scale["max_tokens"], seed=2)
     start = time.monotonic()
-    measured = await run_load(stack.url, key, MODEL, calibration)
+    measured = await _load(stack, key, "b calibration", calibration)
     capacity = measured.count("completed") / (time.monotonic() - start)
     rate = 3 * capacity
     num = max(1, int(rate * scale["overload_seconds"]))
     spec = LoadSpec(num, num, scale["max_tokens"], rate=rate, seed=3)
-    row = Row("b: overload at 3x capacity", await run_load(stack.url, key, MODEL, spec))
+    watch = Watch(stack).start()
+    row = Row("b: overload at 3x capacity", await _load(stack, key, "b", spec, max_seconds=scale["max_seconds"]))
+    ended = time.monotonic()
+    await watch.stop()
     row.result.outcomes = measured.outcomes + row.result.outcomes  # the ledger holds both runs
     row.notes.append(f"capacity {capacity:.2f} req/s at concurrency {scale['concurrency']}; "
-                     f"overload {rate:.2f} req/s for {scale['overload_seconds']} s ({num} requests)")
-    row.back_seconds = await _wait_back(stack, time.monotonic())
+                     f"overload {rate:.2f} req/s for {scale['overload_seconds']} s ({num} requests); "
+                     + watch.note())
+    row.back_seconds = await _wait_back(stack, ended)
     return row
 
 
 async def _disconnects(stack: Stack, key: str, scale: dict) -> Row:
     spec = LoadSpec(scale["requests"], scale["concurrency"], scale["max_tokens"], leave_share=0.3, seed=4)
-    row = Row("c: 30% of clients disconnect", await run_load(stack.url, key, MODEL, spec))
-    row.back_seconds = await _wait_back(stack, time.monotonic())
+    watch = Watch(stack).start()
+    row = Row("c: 30% of clients disconnect", await _load(stack, key, "c", spec, max_seconds=scale["max_seconds"]))
+    ended = time.monotonic()
+    await watch.stop()
+    row.notes.append(watch.note())
+    row.back_seconds = await _wait_back(stack, ended)
     return row
+
+
+def _most_admitted(result: LoadResult, window: float) -> int:
+    """The most 200 heads within any `window` seconds starting at one of them: no fixed window of the
+    limiter can have admitted more (a window opens at a request), so above `rpm` is a breach."""
+    times = sorted(o.admitted_at for o in result.outcomes if o.admitted_at is not None)
+    return max((sum(1 for t in times[i:] if t - first < window) for i, first in enumerate(times)), default=0)
 
 
 async def _redis_restart(stack: Stack, key: str, scale: dict, rpm: int) -> Row:
     if stack.redis is None:
         raise RuntimeError("scenario d restarts the Redis that chaos.py started; it needs a started stack")
     spec = LoadSpec(scale["requests"] * 2, max(2, scale["concurrency"] // 2), 8, rate=4.0, seed=5)
-    load = asyncio.create_task(run_load(stack.url, key, MODEL, spec))
+    watch = Watch(stack).start()
+    load = asyncio.create_task(_load(stack, key, "d", spec, max_seconds=scale["max_seconds"]))
     await asyncio.sleep(2.0)
     await asyncio.to_thread(stack.redis.stop)
     down = time.monotonic()
     await asyncio.sleep(3.0)
     await asyncio.to_thread(stack.redis.start)
+    down_seconds = time.monotonic() - down
     row = Row("d: restart Redis (rpm-limited key)", await load)
+    ended = time.monotonic()
+    await watch.stop()
     admitted = sum(1 for o in row.result.outcomes if o.status == 200)
-    row.notes.append(f"Redis down {time.monotonic() - down:.1f} s; key rpm {rpm}: {admitted} admitted "
-                     f"of {len(row.result.outcomes)} within the window")
-    row.back_seconds = await _wait_back(stack, time.monotonic())
+    most = _most_admitted(row.result, RATE_WINDOW)
+    row.notes.append(f"Redis down {down_seconds:.1f} s; key rpm {rpm}: {admitted} admitted of "
+                     f"{len(row.result.outcomes)}, at most {most} within any {RATE_WINDOW:.0f} s"
+                     + (" (ABOVE the limit)" if most > rpm else "") + "; " + watch.note())
+    row.back_seconds = await _wait_back(stack, ended)
     return row
 
 

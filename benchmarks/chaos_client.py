@@ -32,6 +32,8 @@ class Outcome:
     status: int | None
     seconds: float
     """From sending to the end of the response (to the status for refusals)."""
+    admitted_at: float | None = None
+    """`time.monotonic()` when a 200 head arrived (the gateway admitted the request), else None."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     has_usage: bool = False
@@ -103,6 +105,7 @@ async def _stream(client: httpx.AsyncClient, url: str, key: str, body: dict, lea
         if response.status_code != 200:
             await response.aread()
             return _refusal(response, time.monotonic() - start)
+        admitted_at = time.monotonic()
         payloads: list[str] = []
         usage: dict | None = None
         async for line in response.aiter_lines():
@@ -110,10 +113,10 @@ async def _stream(client: httpx.AsyncClient, url: str, key: str, body: dict, lea
                 continue
             payloads.append(line[5:].strip())
             if leave_after is not None and len(payloads) >= leave_after:
-                return Outcome("left", 200, time.monotonic() - start)
+                return Outcome("left", 200, time.monotonic() - start, admitted_at=admitted_at)
             usage = _usage(payloads[-1]) or usage
     kind, detail = _classify_stream(payloads)
-    outcome = Outcome(kind, 200, time.monotonic() - start, detail=detail)
+    outcome = Outcome(kind, 200, time.monotonic() - start, admitted_at=admitted_at, detail=detail)
     if usage is not None:
         outcome.has_usage = True
         outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -142,10 +145,11 @@ def _refusal(response: httpx.Response, seconds: float) -> Outcome:
 
 
 async def run_load(url: str, key: str, model: str, spec: LoadSpec,
-                   stop: asyncio.Event | None = None) -> LoadResult:
-    """Sends `spec`'s requests and waits for all of them; `stop` ends the arrivals early."""
+                   stop: asyncio.Event | None = None, result: LoadResult | None = None) -> LoadResult:
+    """Sends `spec`'s requests and waits for all of them; `stop` ends the arrivals early. Outcomes are
+    appended to `result` (a new one by default) as they end, so a caller can watch progress."""
     rng = random.Random(spec.seed)
-    result = LoadResult()
+    result = LoadResult() if result is None else result
     gate = asyncio.Semaphore(spec.concurrency)
     limits = httpx.Limits(max_connections=spec.concurrency + 8, max_keepalive_connections=spec.concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(spec.timeout, connect=5.0)) as client:
@@ -156,6 +160,9 @@ async def run_load(url: str, key: str, model: str, spec: LoadSpec,
 
         tasks = []
         for _ in range(spec.num_requests):
+            if spec.rate is None:  # closed loop: create a request only when a slot is free, so `stop` acts now
+                await gate.acquire()
+                gate.release()
             if stop is not None and stop.is_set():
                 break
             leave = spec.leave_after_chunks if rng.random() < spec.leave_share else None
