@@ -278,6 +278,13 @@ def load_settings(
         raise ValueError(f"invalid setting {where}: {first.get('msg')}") from None
 
 
+class SettingsParser(argparse.ArgumentParser):
+    """argparse with the project's CLI error shape: one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 @dataclass(frozen=True)
 class Flag:
     """One `--kebab-case` flag for a setting."""

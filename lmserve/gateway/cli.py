@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import re
 import sys
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from lmserve.settings import SettingsParser
 
 keys_app = typer.Typer(help="Create, list and revoke gateway API keys; show their usage.", no_args_is_help=True)
 
@@ -16,13 +19,13 @@ _DB_HELP = ("SQLAlchemy database URL (default: the gateway config's; without -c,
             "runs, $LMSERVE_HOME/gateway.yaml; else sqlite:///lmserve-gateway.db).")
 
 
-def build_gateway_parser() -> argparse.ArgumentParser:
+def build_gateway_parser() -> SettingsParser:
     """Flags generated from GatewayConfig's top-level settings (sections are set in the file or as
     LMSERVE_<SECTION>__<KEY>), the same names as `lmserve serve` has for the same settings."""
     from lmserve.gateway.config import GatewayConfig
-    from lmserve.settings import add_flags, dataclass_flags
+    from lmserve.settings import SettingsParser, add_flags, dataclass_flags
 
-    parser = argparse.ArgumentParser(
+    parser = SettingsParser(
         prog="lmserve gateway",
         description="Run the gateway in front of OpenAI-compatible backends. Every setting can also be set as "
         "LMSERVE_<NAME> (LMSERVE_<SECTION>__<NAME> inside a section) in the environment or in a --config YAML "

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from lmserve.settings import add_flags, dataclass_flags
+from lmserve.settings import SettingsParser, add_flags, dataclass_flags
 from lmserve.stack.config import StackConfig, load_stack_config
 
 
-def build_up_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_up_parser() -> SettingsParser:
+    parser = SettingsParser(
         prog="lmserve up",
         description="Start a gateway in front of model servers on this machine; Ctrl-C stops them all. "
         "Every flag can also be set as LMSERVE_<NAME> in the environment or in a --config stack YAML file "
