@@ -91,7 +91,7 @@ class Stack:
         for model in self.config.models:
             for replica in range(model.replicas):
                 # Flags, not the inherited LMSERVE_* environment, say where a server listens.
-                args = cli("serve", model.model, "--host", "127.0.0.1", "--port", str(port),
+                args = cli("serve", model.model, "--port", str(port), "--host", "127.0.0.1",
                            "--served-model-name", model.name, *self._shared_flags(), *serve_flags(model.serve))
                 name = f"{model.name}-{replica}"
                 child = Child(name, args, self.logs / f"{name}.log", f"http://127.0.0.1:{port}/ready",
