@@ -239,7 +239,7 @@ def settings_model(name: str, sources: list[type], aliases: Mapping[str, str]) -
         for f in dataclasses.fields(source):
             fields[f.name] = (hints[f.name], Field(default=_default(f), description=docs.get(f.name, "")))
     base = type(f"{name}Base", (BaseModel,), {"model_config": ConfigDict(extra="forbid")})
-    model = create_model(name, __base__=base, **fields)
+    model: type[BaseModel] = create_model(name, __base__=base, **fields)
     model.ALIASES = dict(aliases)  # type: ignore[attr-defined]
     model.SOURCES = list(sources)  # type: ignore[attr-defined]
     return model
