@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from lmserve.bench.cli import bench_command
-from lmserve.gateway.cli import gateway_command, keys_app
+from lmserve.gateway.cli import keys_app
 
 app = typer.Typer(
     name="lmserve",
@@ -43,27 +43,30 @@ def serve(ctx: typer.Context) -> None:
     raise typer.Exit(serve_main(ctx.args))
 
 
-@app.command("up")
-def up(
-    config: str | None = typer.Option(None, "--config", "-c", help="Stack YAML (default: the built-in demo stack)."),
-    port: int | None = typer.Option(None, help="Gateway port (default 8000)."),
-    home: str | None = typer.Option(None, help="Keys, logs and generated configs (default $LMSERVE_HOME or ~/.lmserve)."),
-    redis: str | None = typer.Option(None, "--redis", help="Redis URL: share limits and cache."),
-    database_url: str | None = typer.Option(None, help="Key store URL (default SQLite under home)."),
-) -> None:
-    """Start a gateway in front of model servers on this machine; Ctrl-C stops them all."""
-    from lmserve.stack.config import load_stack_config
-    from lmserve.stack.up import run_up
+@app.command(
+    "up",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def up(ctx: typer.Context) -> None:
+    """Start a gateway in front of model servers on this machine; Ctrl-C stops them all (lmserve up --help)."""
+    from lmserve.stack.cli import up_main
 
-    try:
-        stack = load_stack_config(config, {"port": port, "home": home, "redis_url": redis, "database_url": database_url})
-    except ValueError as exc:
-        typer.echo(f"lmserve up: error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    raise typer.Exit(run_up(stack, say=lambda line: typer.echo(line, err=False)))
+    raise typer.Exit(up_main(ctx.args))
 
 
-app.command("gateway")(gateway_command)
+@app.command(
+    "gateway",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def gateway(ctx: typer.Context) -> None:
+    """Run the gateway in front of OpenAI-compatible backends (lmserve gateway --help for every flag)."""
+    from lmserve.gateway.cli import gateway_main
+
+    raise typer.Exit(gateway_main(ctx.args))
+
+
 app.add_typer(keys_app, name="keys")
 app.command("bench")(bench_command)
 

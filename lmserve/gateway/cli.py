@@ -5,8 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import sys
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from lmserve.settings import SettingsParser
 
 keys_app = typer.Typer(help="Create, list and revoke gateway API keys; show their usage.", no_args_is_help=True)
 
@@ -14,24 +19,37 @@ _DB_HELP = ("SQLAlchemy database URL (default: the gateway config's; without -c,
             "runs, $LMSERVE_HOME/gateway.yaml; else sqlite:///lmserve-gateway.db).")
 
 
-def gateway_command(
-    config: str | None = typer.Option(None, "--config", "-c", help="Gateway YAML file."),
-    host: str | None = typer.Option(None, help="Listen address."),
-    port: int | None = typer.Option(None, help="Listen port."),
-    redis_url: str | None = typer.Option(None, help="Share limits and cache through this Redis."),
-    database_url: str | None = typer.Option(None, help=_DB_HELP),
-    admin_key: str | None = typer.Option(None, help="Bearer token for /admin/*."),
-) -> None:
-    """Run the gateway in front of OpenAI-compatible backends."""
+def build_gateway_parser() -> SettingsParser:
+    """Flags generated from GatewayConfig's top-level settings (sections are set in the file or as
+    LMSERVE_<SECTION>__<KEY>), the same names as `lmserve serve` has for the same settings."""
+    from lmserve.gateway.config import GatewayConfig
+    from lmserve.settings import SettingsParser, add_flags, dataclass_flags
+
+    parser = SettingsParser(
+        prog="lmserve gateway",
+        description="Run the gateway in front of OpenAI-compatible backends. Every setting can also be set as "
+        "LMSERVE_<NAME> (LMSERVE_<SECTION>__<NAME> inside a section) in the environment or in a --config YAML "
+        "file (precedence: flags > environment > file > defaults).",
+    )
+    parser.add_argument("--config", "-c", default=None, help="Gateway YAML file.")
+    add_flags(parser, dataclass_flags(GatewayConfig, skip=("models",)))
+    return parser
+
+
+def gateway_main(argv: list[str]) -> int:
+    """`lmserve gateway [flags]`: a bad setting is one line on stderr and exit status 2."""
     from lmserve.gateway.config import load_config
     from lmserve.gateway.serve import run_gateway
 
+    args = vars(build_gateway_parser().parse_args(argv))
+    config_file = args.pop("config")
     try:
-        cfg = load_config(config, overrides={"host": host, "port": port, "redis_url": redis_url,
-                                             "database_url": database_url, "admin_key": admin_key})
-    except (ValueError, OSError) as exc:
-        raise typer.BadParameter(str(exc)) from None
+        cfg = load_config(config_file, overrides=args)
+    except ValueError as exc:
+        print(f"lmserve gateway: error: {exc}", file=sys.stderr)
+        return 2
     run_gateway(cfg)
+    return 0
 
 
 def _store(database_url: str | None, config: str | None):  # type: ignore[no-untyped-def]

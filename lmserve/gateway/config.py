@@ -1,21 +1,21 @@
 """Gateway configuration: one dataclass per concern, loaded from YAML and overridden by env.
 
-Precedence: explicit arguments (CLI) > environment (`LMSERVE_GATEWAY_*`) > YAML file > defaults.
+Precedence: flags > environment (`LMSERVE_*`) > YAML file > defaults, through the settings layer
+every command shares (lmserve/settings.py).
 Every field is validated in `__post_init__` with a `ValueError` a user can act on.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from lmserve.gateway.redact import compile_patterns
+from lmserve.settings import SettingsSpec, check_log_level, layered, spec_from_dataclass
 
 STRATEGIES = ("round_robin", "least_outstanding", "latency", "prefix_affinity", "weighted")
 DISCOVERY_MODES = ("static", "dns")
@@ -347,6 +347,7 @@ class GatewayConfig:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1-65535, got {self.port}")
         _positive("drain_seconds", self.drain_seconds, allow_zero=True)
+        check_log_level(self.log_level)
         _positive("key_cache_ttl", self.key_cache_ttl, allow_zero=True)
         _positive("ledger_flush_interval", self.ledger_flush_interval)
 
@@ -361,7 +362,6 @@ _NESTED = {
     "redaction": RedactionConfig,
     "jwt": JWTConfig,
 }
-_ENV_PREFIX = "LMSERVE_GATEWAY_"
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -388,40 +388,13 @@ def config_from_dict(data: dict[str, Any]) -> GatewayConfig:
     return _build(GatewayConfig, data, "gateway config")
 
 
-def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
-    """`LMSERVE_GATEWAY_PORT=9000`, `LMSERVE_GATEWAY_REDIS_URL=...`; nested with `__`
-    (`LMSERVE_GATEWAY_TIMEOUTS__CONNECT=1`). Values are parsed as YAML scalars."""
-    out: dict[str, Any] = {}
-    for name, raw in env.items():
-        if not name.startswith(_ENV_PREFIX):
-            continue
-        path = name[len(_ENV_PREFIX):].lower().split("__")
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(raw) if raw else None
-    return out
+def settings_spec() -> SettingsSpec:
+    """The gateway's settings for the shared layer: `LMSERVE_<KEY>`, `LMSERVE_<SECTION>__<KEY>`, and the
+    former `LMSERVE_GATEWAY_*` variables with a warning; a file may nest them under `gateway:`."""
+    return spec_from_dataclass("gateway", GatewayConfig, old_env_prefix="LMSERVE_GATEWAY_", file_root="gateway")
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_config(path: str | Path | None = None, env: dict[str, str] | None = None,
-                overrides: dict[str, Any] | None = None) -> GatewayConfig:
-    """Reads the YAML file (if any), applies env then explicit overrides, validates."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: the top level must be a mapping")
-        data = loaded.get("gateway", loaded) if isinstance(loaded.get("gateway"), dict) else loaded
-    data = _merge(data, _env_overrides(dict(os.environ) if env is None else env))
-    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
-    return config_from_dict(data)
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> GatewayConfig:
+    """Flags (`overrides`, None meaning not given) > environment > the YAML file > defaults, validated."""
+    return config_from_dict(layered(settings_spec(), overrides or {}, path, env))

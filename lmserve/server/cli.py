@@ -6,11 +6,11 @@ import argparse
 import sys
 
 from lmserve.server.settings import ServeSettings, split_settings
-from lmserve.settings import add_arguments, load_settings
+from lmserve.settings import SettingsParser, add_arguments, load_settings
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> SettingsParser:
+    parser = SettingsParser(
         prog="lmserve serve",
         description="Serve one model over an OpenAI-compatible HTTP API. "
         "Every flag can also be set as LMSERVE_<NAME> in the environment or in a --config YAML file "

@@ -22,7 +22,7 @@ logger = logging.getLogger("lmserve.server")
 
 class DrainingServer(uvicorn.Server):
     """The first SIGTERM/SIGINT drains (ready turns 503, new requests get 503, in-flight ones finish
-    or are cut at drain_timeout), then the server exits 0. A second signal exits at once."""
+    or are cut at drain_seconds), then the server exits 0. A second signal exits at once."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
@@ -70,8 +70,8 @@ def run_server(options: ServerOptions, engine_config: EngineConfig) -> int:
         app,
         host=options.host,
         port=options.port,
-        ssl_certfile=options.ssl_certfile,
-        ssl_keyfile=options.ssl_keyfile,
+        ssl_certfile=options.tls_certfile,
+        ssl_keyfile=options.tls_keyfile,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,

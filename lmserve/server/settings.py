@@ -7,7 +7,7 @@ from typing import Any
 
 from lmserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lmserve.server.sampling_defaults import GENERATION_CONFIG_MODES
-from lmserve.settings import settings_model
+from lmserve.settings import check_log_level, settings_model
 
 ENGINE_MODES = ("process", "thread")
 
@@ -24,12 +24,12 @@ class ServerOptions:
     """When set, every /v1 request must send 'Authorization: Bearer <api_key>'."""
     served_model_name: str | None = None
     """The model name clients send and see; default: the model argument (lmserve-demo for demo)."""
-    ssl_certfile: str | None = None
-    """PEM certificate: serve HTTPS instead of HTTP (with ssl_keyfile)."""
-    ssl_keyfile: str | None = None
-    """PEM private key of ssl_certfile."""
-    drain_timeout: float = 30.0
-    """Seconds SIGTERM waits for in-flight requests before cutting them and exiting."""
+    tls_certfile: str | None = None
+    """PEM certificate: serve HTTPS instead of HTTP (with tls_keyfile). Formerly ssl_certfile."""
+    tls_keyfile: str | None = None
+    """PEM private key of tls_certfile. Formerly ssl_keyfile."""
+    drain_seconds: float = 30.0
+    """Seconds SIGTERM waits for in-flight requests before cutting them and exiting. Formerly drain_timeout."""
     max_body_bytes: int = 8 * 2**20
     """Largest request body accepted; larger ones get 413."""
     log_level: str = "info"
@@ -53,14 +53,13 @@ class ServerOptions:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
-        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
-            raise ValueError("ssl_certfile and ssl_keyfile must be given together")
-        if self.drain_timeout < 0:
-            raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile must be given together")
+        if self.drain_seconds < 0:
+            raise ValueError(f"drain_seconds must be >= 0, got {self.drain_seconds}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
-        if self.log_level not in ("debug", "info", "warning", "error"):
-            raise ValueError(f"log_level must be debug, info, warning or error; got {self.log_level!r}")
+        check_log_level(self.log_level)
         if self.generation_config not in GENERATION_CONFIG_MODES:
             raise ValueError(f"generation_config must be auto or none, got {self.generation_config!r}")
         if self.engine_mode not in ENGINE_MODES:

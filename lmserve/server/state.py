@@ -138,12 +138,12 @@ class ServerState:
             self._idle.set()
 
     async def drain(self) -> None:
-        """Stops taking requests; waits for in-flight ones (at most drain_timeout), then stops the engine."""
+        """Stops taking requests; waits for in-flight ones (at most drain_seconds), then stops the engine."""
         self.phase = Phase.DRAINING
         logger.info("draining", extra={"fields": {"in_flight": self.num_in_flight}})
         if self.num_in_flight:
             try:
-                await asyncio.wait_for(self._idle.wait(), timeout=self.options.drain_timeout)
+                await asyncio.wait_for(self._idle.wait(), timeout=self.options.drain_seconds)
             except asyncio.TimeoutError:
                 logger.warning("drain timeout: cutting %d requests", self.num_in_flight)
         if self.engine is not None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lmserve.settings import lmserve_home
+from lmserve.settings import SettingsSpec, check_log_level, layered, lmserve_home, spec_from_dataclass
 
 STRATEGIES = ("round_robin", "least_outstanding", "latency", "prefix_affinity", "weighted")
 
@@ -64,6 +63,10 @@ class StackConfig:
     """Extra `lmserve gateway` settings merged into the generated gateway config."""
     restart_backoff_max: float = 30.0
     """Longest wait before restarting a crashed process (the wait doubles from 1 s)."""
+    drain_seconds: float = 30.0
+    """On stop, how long the gateway and then each server may take to finish in-flight requests."""
+    log_level: str = "info"
+    """debug, info, warning or error: of the gateway and every server."""
 
     def __post_init__(self) -> None:
         self.models = [m if isinstance(m, ModelDeployment) else ModelDeployment(**m) for m in self.models]
@@ -72,6 +75,9 @@ class StackConfig:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("model names must be unique")
+        check_log_level(self.log_level)
+        if self.drain_seconds < 0:
+            raise ValueError(f"drain_seconds must be >= 0, got {self.drain_seconds}")
         if self.first_server_port is None:
             self.first_server_port = self.port + 100
         for port in (self.port, self.first_server_port + self.num_servers - 1):
@@ -90,18 +96,17 @@ class StackConfig:
         return Path(self.home).expanduser() if self.home else lmserve_home()
 
 
-def load_stack_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> StackConfig:
-    """The built-in default stack, or a YAML file; `overrides` (CLI flags) win. Raises ValueError."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"cannot read stack file {path}: {' '.join(str(exc).split())}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"stack file {path} must hold a mapping")
-        data = loaded
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+def settings_spec() -> SettingsSpec:
+    """The stack's settings for the shared layer. `api_key`, `models` and `gateway` are not read from
+    the environment: there LMSERVE_API_KEY is a server's key and LMSERVE_MODELS the gateway's pool."""
+    return spec_from_dataclass("up", StackConfig, env_skip=frozenset({"api_key", "models", "gateway"}))
+
+
+def load_stack_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None,
+                      environ: Mapping[str, str] | None = None) -> StackConfig:
+    """The built-in default stack, or a YAML file; LMSERVE_* variables and then `overrides` (CLI flags,
+    None meaning not given) win. Raises ValueError."""
+    data = layered(settings_spec(), overrides or {}, path, environ)
     try:
         return StackConfig(**data)
     except TypeError as exc:

@@ -21,7 +21,6 @@ from lmserve.stack.supervisor import Child, Supervisor
 
 SERVER_READY_TIMEOUT = 600.0
 GATEWAY_READY_TIMEOUT = 60.0
-DRAIN_TIMEOUT = 30.0
 
 
 def cli(*args: str) -> list[str]:
@@ -79,7 +78,9 @@ class Stack:
         gateway_file = self._write_gateway_config()
         api_key = self.config.api_key or self._create_key()
         self.gateway = self.supervisor.add(
-            Child("gateway", cli("gateway", "-c", str(gateway_file)), self.logs / "gateway.log",
+            Child("gateway", cli("gateway", "-c", str(gateway_file), *self._shared_flags(),
+                                 "--host", self.config.host, "--port", str(self.config.port)),
+                  self.logs / "gateway.log",
                   self.gateway_url + "/ready")
         )
         self.supervisor.wait_ready([self.gateway], GATEWAY_READY_TIMEOUT)
@@ -89,8 +90,9 @@ class Stack:
         port = self.config.first_server_port or self.config.port + 100
         for model in self.config.models:
             for replica in range(model.replicas):
-                args = cli("serve", model.model, "--port", str(port), "--served-model-name", model.name,
-                           *serve_flags(model.serve))
+                # Flags, not the inherited LMSERVE_* environment, say where a server listens.
+                args = cli("serve", model.model, "--port", str(port), "--host", "127.0.0.1",
+                           "--served-model-name", model.name, *self._shared_flags(), *serve_flags(model.serve))
                 name = f"{model.name}-{replica}"
                 child = Child(name, args, self.logs / f"{name}.log", f"http://127.0.0.1:{port}/ready",
                               env={"LMSERVE_API_KEY": self.backend_key})  # in env, not on `ps` output
@@ -98,6 +100,10 @@ class Stack:
                 port += 1
         self.say(f"starting {len(self.servers)} model server(s); logs in {self.logs}")
         self.supervisor.wait_ready([c for _, _, c in self.servers], SERVER_READY_TIMEOUT)
+
+    def _shared_flags(self) -> list[str]:
+        """Settings the stack hands to the gateway and every server under the same names."""
+        return ["--drain-seconds", str(self.config.drain_seconds), "--log-level", self.config.log_level]
 
     def _write_gateway_config(self) -> Path:
         admin_key = _private_file(self.home / "admin_key", lambda: "adm-" + secrets.token_urlsafe(24))
@@ -136,8 +142,8 @@ class Stack:
     def stop(self) -> None:
         """Gateway first (it drains its in-flight requests), then the servers (they drain too)."""
         if self.gateway is not None:
-            self.supervisor.stop([self.gateway], DRAIN_TIMEOUT + 5)
-        self.supervisor.stop([c for _, _, c in self.servers], DRAIN_TIMEOUT + 5)
+            self.supervisor.stop([self.gateway], self.config.drain_seconds + 5)
+        self.supervisor.stop([c for _, _, c in self.servers], self.config.drain_seconds + 5)
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -40,3 +40,20 @@ def test_compose_file_is_valid_and_scrapes_the_agreed_jobs() -> None:
     jobs = {job["job_name"] for job in prometheus["scrape_configs"]}
     assert {"lmserve-server", "lmserve-gateway"} <= jobs  # the alert rules and dashboards select these
     assert prometheus["rule_files"] == ["/etc/prometheus/rules/*.yml"]
+
+
+def test_compose_gateway_reads_its_environment_under_the_current_names(caplog: pytest.LogCaptureFixture) -> None:
+    """The image's and the compose file's LMSERVE_* variables reach the gateway without a deprecation
+    warning (one naming for every component: LMSERVE_HOST serves servers and gateways alike)."""
+    from lmserve.gateway.config import load_config
+
+    compose = yaml.safe_load((COMPOSE_DIR / "docker-compose.yml").read_text())
+    image_env = {"LMSERVE_HOST": "0.0.0.0"}
+    dockerfile = (DOCKER_DIR / "Dockerfile").read_text()
+    assert "LMSERVE_HOST=0.0.0.0" in dockerfile and "LMSERVE_GATEWAY_" not in dockerfile
+    env = {**image_env, **{k: str(v).replace("${LMSERVE_ADMIN_KEY:-change-me}", "change-me")
+                           for k, v in compose["services"]["gateway"]["environment"].items()}}
+    caplog.set_level("WARNING", logger="lmserve.settings")
+    config = load_config(COMPOSE_DIR / "gateway.yaml", env=env)
+    assert caplog.records == []
+    assert (config.admin_key, config.host) == ("change-me", "0.0.0.0")

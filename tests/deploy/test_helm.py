@@ -4,6 +4,7 @@ the deployment work (probes, draining, discovery, isolation, autoscaling, availa
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -113,7 +114,8 @@ def test_model_servers_probe_health_and_ready_and_drain(values_file: str) -> Non
         startup = container["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= model["startupSeconds"]
         # Draining: the pre-stop pause, then the server's own drain, fit in the grace period.
-        drain = float(args[args.index("--drain-timeout") + 1])
+        drain = float(args[args.index("--drain-seconds") + 1])
+        assert drain == model["drainSeconds"]
         pause = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
         assert pause > values(values_file).get("gateway", {}).get("resolveInterval", 10)
         assert pod["terminationGracePeriodSeconds"] > pause + drain
@@ -220,7 +222,7 @@ def test_prod_is_highly_available_with_tls() -> None:
     mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")["mountPath"]
     assert config["tls_certfile"] == f"{mount}/tls.crt" and config["tls_keyfile"] == f"{mount}/tls.key"
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-    assert env["LMSERVE_GATEWAY_DATABASE_URL"] == {"name": "lmserve-gateway", "key": "database-url"}
+    assert env["LMSERVE_DATABASE_URL"] == {"name": "lmserve-gateway", "key": "database-url"}
     assert pod["terminationGracePeriodSeconds"] > config["drain_seconds"]
 
 
@@ -256,7 +258,8 @@ def test_bad_values_are_refused_with_a_message(bad: dict, message: str) -> None:
 
 
 @pytest.mark.parametrize("values_file", VALUES_FILES)
-def test_rendered_gateway_config_loads_in_the_gateway(values_file: str, tmp_path: Path) -> None:
+def test_rendered_gateway_config_loads_in_the_gateway(values_file: str, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     """The ConfigMap's gateway.yaml plus the Secret's variables is a config the gateway accepts."""
     from lmserve.gateway.config import load_config
 
@@ -264,8 +267,32 @@ def test_rendered_gateway_config_loads_in_the_gateway(values_file: str, tmp_path
     (configmap,) = component(docs, "ConfigMap", "gateway")
     path = tmp_path / "gateway.yaml"
     path.write_text(configmap["data"]["gateway.yaml"])
-    env = {"LMSERVE_GATEWAY_ADMIN_KEY": "k", "LMSERVE_GATEWAY_DATABASE_URL": "sqlite:////data/g.db"}
+    # The Secret's values under the variable names the chart gives them: the gateway must read them
+    # as its current names (a former LMSERVE_GATEWAY_* name would log a deprecation warning).
+    secret = {"admin-key": "k", "database-url": "sqlite:////data/g.db", "redis-url": "redis://r:6379/0"}
+    (gateway,) = component(docs, "Deployment", "gateway")
+    (container,) = gateway["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: secret[e["valueFrom"]["secretKeyRef"]["key"]] for e in container["env"] if "valueFrom" in e}
+    caplog.set_level(logging.WARNING, logger="lmserve.settings")
     config = load_config(path, env=env)
+    assert caplog.records == []
     assert [m.name for m in config.models] == [m["name"] for m in values(values_file)["models"]]
     assert all(b.discovery == "dns" for m in config.models for b in m.backends)
     assert config.host == "0.0.0.0" and config.admin_key == "k"
+    assert (config.database_url, config.redis_url) == ("sqlite:////data/g.db", "redis://r:6379/0")
+
+
+def test_server_and_gateway_take_lmserve_settings_the_same_way() -> None:
+    """`env` on a model and on the gateway is the same LMSERVE_* mechanism; drainTimeout, drainSeconds'
+    former name, still renders the server's --drain-seconds."""
+    base = values("values-dev.yaml")
+    model = {k: v for k, v in base["models"][0].items() if k != "drainSeconds"}
+    docs = render({**base, "gateway": {**base["gateway"], "env": {"LMSERVE_LOG_LEVEL": "debug"}},
+                   "models": [{**model, "drainTimeout": 45, "env": {"LMSERVE_LOG_LEVEL": "debug"}}]})
+    (gateway,) = component(docs, "Deployment", "gateway")
+    (server,) = component(docs, "Deployment", "model-server")
+    for deployment in (gateway, server):
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert {"name": "LMSERVE_LOG_LEVEL", "value": "debug"} in container["env"]
+    (container,) = server["spec"]["template"]["spec"]["containers"]
+    assert container["args"][container["args"].index("--drain-seconds") + 1] == "45"

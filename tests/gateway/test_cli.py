@@ -26,6 +26,7 @@ def test_expiry_forms() -> None:
 def _keys(*args: str, home: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "LMSERVE_HOME": str(home)}
     env.pop("LMSERVE_GATEWAY_DATABASE_URL", None)
+    env.pop("LMSERVE_DATABASE_URL", None)
     return subprocess.run([sys.executable, "-m", "lmserve.cli", "keys", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=120, check=False)
 

@@ -29,8 +29,8 @@ limits: {default_rpm: 100}
 def test_yaml_then_env_then_overrides(tmp_path: Path) -> None:
     path = tmp_path / "gw.yaml"
     path.write_text(YAML)
-    env = {"LMSERVE_GATEWAY_PORT": "9001", "LMSERVE_GATEWAY_TIMEOUTS__FIRST_BYTE": "7",
-           "LMSERVE_GATEWAY_REDIS_URL": "redis://x:6379/0", "UNRELATED": "1"}
+    env = {"LMSERVE_PORT": "9001", "LMSERVE_TIMEOUTS__FIRST_BYTE": "7",
+           "LMSERVE_REDIS_URL": "redis://x:6379/0", "UNRELATED": "1"}
     config = load_config(path, env=env, overrides={"port": 9002, "admin_key": None})
     assert config.port == 9002
     assert config.redis_url == "redis://x:6379/0"

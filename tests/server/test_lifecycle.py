@@ -75,7 +75,7 @@ def run_in_thread(fn):
 
 
 def test_sigterm_drains_without_losing_in_flight_requests(start_server):
-    server = start_server("--drain-timeout", "60")
+    server = start_server("--drain-seconds", "60")
     client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     kwargs = dict(model=MODEL_NAME, prompt="Drain", max_tokens=1000, temperature=0, extra_body={"ignore_eos": True})
 
@@ -97,8 +97,8 @@ def test_sigterm_drains_without_losing_in_flight_requests(start_server):
     assert server.popen.wait(20) == 0
 
 
-def test_drain_timeout_cuts_what_is_left_and_exits_zero(start_server):
-    server = start_server("--drain-timeout", "0.1")
+def test_drain_seconds_cuts_what_is_left_and_exits_zero(start_server):
+    server = start_server("--drain-seconds", "0.1")
 
     def streamed():
         with httpx.stream("POST", server.url + "/v1/completions", json={**LONG, "max_tokens": 1000, "stream": True},
@@ -136,7 +136,7 @@ def gone(pid: int) -> bool:
 def test_ctrl_c_reaches_both_processes_and_the_server_still_drains(start_server):
     """A terminal's Ctrl-C signals the whole process group: the engine process ignores it and
     finishes what the draining server still has in flight."""
-    server = start_server("--drain-timeout", "60")
+    server = start_server("--drain-seconds", "60")
     engine = engine_child(server)
     client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     thread, result = run_in_thread(lambda: client.completions.create(
@@ -184,7 +184,7 @@ def self_signed(tmp_path):
 
 def test_tls(start_server, tmp_path):
     cert, key = self_signed(tmp_path)
-    server = start_server("--ssl-certfile", str(cert), "--ssl-keyfile", str(key), scheme="https")
+    server = start_server("--tls-certfile", str(cert), "--tls-keyfile", str(key), scheme="https")
     client = OpenAI(base_url=server.url + "/v1", api_key="x", http_client=httpx.Client(verify=str(cert)))
     assert client.completions.create(model=MODEL_NAME, prompt="secure", max_tokens=2).usage.completion_tokens >= 1
     with pytest.raises(httpx.TransportError):

@@ -47,7 +47,7 @@ def test_seed_key_names_map(tmp_path):
         (["m", "--dtype", "float8"], {}, None, "dtype must be one of"),
         ([], {}, "model: m\nmax_num_seqz: 3\n", "unknown setting 'max_num_seqz'"),
         ([], {}, "- just\n- a list\n", "must hold a mapping"),
-        (["m", "--ssl-certfile", "c.pem"], {}, None, "must be given together"),
+        (["m", "--tls-certfile", "c.pem"], {}, None, "must be given together"),
     ],
 )
 def test_bad_settings_are_one_clear_line(tmp_path, argv, env, yaml_text, message):

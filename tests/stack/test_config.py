@@ -32,7 +32,7 @@ def test_a_file_with_cli_overrides(tmp_path):
         ("models:\n  - {name: a, serve: {port: 1}}\n", "serve.port is set by the stack itself"),
         ("models:\n  - {name: a}\n  - {name: a}\n", "model names must be unique"),
         ("port: 8100\nfirst_server_port: 8099\n", "collides with server ports"),
-        ("colour: blue\n", "unexpected keyword argument 'colour'"),
+        ("colour: blue\n", "unknown setting 'colour'"),
         ("- a list\n", "must hold a mapping"),
     ],
 )

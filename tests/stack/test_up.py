@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -104,6 +105,9 @@ def test_default_stack_serves_survives_a_crash_and_stops_everything(stack):
 
     everyone = children_of(stack.popen.pid)
     assert len(everyone) == 3  # two servers and the gateway
+    for pid in everyone:  # the stack hands its drain_seconds and log_level down under the same names
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"--drain-seconds") + 1] == b"30.0" and b"--log-level" in argv, argv
     assert stack.stop(60) == 0
     time.sleep(0.5)
     assert all(is_gone(pid) for pid in everyone)
