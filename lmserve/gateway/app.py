@@ -56,7 +56,7 @@ class Gateway:
         self.redis: Any = None
         self.store: KeyStore | None = None
         self.discovery = BackendDiscovery(self.router, config.health, resolver or SystemResolver())
-        self.health = HealthChecker(self.upstream, config.health, lambda: [b for _, b in self.router.all_backends()])
+        self.health = HealthChecker(self.upstream, config.health, self.router.all_backends)
         self.handler: ProxyHandler | None = None
         self.admin: AdminAPI | None = None
         self.ledger: UsageLedger | None = None

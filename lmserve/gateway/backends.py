@@ -30,6 +30,9 @@ class Backend:
     """Set by the admin API: no new requests, in-flight ones finish."""
     num_outstanding: int = 0
     num_probe_failures: int = 0
+    """Hard probe failures (refused, 5xx) since the last good probe."""
+    num_probe_timeouts: int = 0
+    """Probes that timed out since the last good probe."""
     ewma_ttfb: float | None = None
     """Exponentially weighted time to first byte in seconds (None until measured)."""
     auth_header: bytes | None = field(default=None)
@@ -68,7 +71,8 @@ class Backend:
         return {
             "url": self.url, "weight": self.weight, "healthy": self.is_healthy, "ready": self.is_ready,
             "draining": self.is_draining, "breaker": self.breaker.state.name.lower(),
-            "outstanding": self.num_outstanding, "discovered_from": self.discovered_from,
+            "outstanding": self.num_outstanding, "probe_failures": self.num_probe_failures,
+            "probe_timeouts": self.num_probe_timeouts, "discovered_from": self.discovered_from,
             "ewma_ttfb_ms": None if self.ewma_ttfb is None else round(self.ewma_ttfb * 1000, 3),
         }
 

@@ -155,9 +155,11 @@ class HealthConfig:
     probe_interval: float = 5.0
     """Seconds between probes of `/health` (and `/ready` when the backend has it)."""
     probe_timeout: float = 2.0
-    """Seconds before a probe counts as failed."""
+    """Seconds before a probe counts as timed out (counted apart from failures)."""
     unhealthy_after: int = 2
-    """Consecutive failed probes before a backend gets no traffic."""
+    """Failed probes (refused, 5xx) since the last good one before a backend gets no traffic."""
+    timeout_unhealthy_after: int = 3
+    """Timed-out probes since the last good one before a backend gets no traffic, unless it is the last of its model."""
     consecutive_failures: int = 5
     """Consecutive request failures that open the breaker."""
     error_rate: float = 0.5
@@ -173,8 +175,9 @@ class HealthConfig:
         _positive("health.cooldown", self.cooldown)
         if not 0 < self.error_rate <= 1:
             raise ValueError("health.error_rate must be in (0, 1]")
-        if self.consecutive_failures < 1 or self.window_size < 1 or self.unhealthy_after < 1:
-            raise ValueError("health counts must be >= 1")
+        if self.consecutive_failures < 1 or self.window_size < 1 or self.unhealthy_after < 1 \
+                or self.timeout_unhealthy_after < 1:
+            raise ValueError("health.consecutive_failures, window_size, unhealthy_after and timeout_unhealthy_after must be >= 1")
 
 
 @dataclass

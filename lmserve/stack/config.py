@@ -67,6 +67,12 @@ class StackConfig:
     """On stop, how long the gateway and then each server may take to finish in-flight requests."""
     log_level: str = "info"
     """debug, info, warning or error: of the gateway and every server."""
+    health_check_interval: float = 5.0
+    """Seconds between checks of each server's `/health` once it has been ready."""
+    health_check_timeout: float = 5.0
+    """Seconds a server has to answer `/health` before the check counts as bad."""
+    restart_unhealthy_after: int = 3
+    """Bad `/health` checks in a row (not 200, or no answer in time) before a server is restarted."""
 
     def __post_init__(self) -> None:
         self.models = [m if isinstance(m, ModelDeployment) else ModelDeployment(**m) for m in self.models]
@@ -78,6 +84,11 @@ class StackConfig:
         check_log_level(self.log_level)
         if self.drain_seconds < 0:
             raise ValueError(f"drain_seconds must be >= 0, got {self.drain_seconds}")
+        for name in ("health_check_interval", "health_check_timeout", "restart_backoff_max"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.restart_unhealthy_after < 1:
+            raise ValueError(f"restart_unhealthy_after must be >= 1, got {self.restart_unhealthy_after}")
         if self.first_server_port is None:
             self.first_server_port = self.port + 100
         for port in (self.port, self.first_server_port + self.num_servers - 1):

@@ -17,7 +17,7 @@ import yaml
 
 from lmserve.settings import lmserve_home
 from lmserve.stack.config import ModelDeployment, StackConfig
-from lmserve.stack.supervisor import Child, Supervisor
+from lmserve.stack.supervisor import Child, HealthWatch, Supervisor
 
 SERVER_READY_TIMEOUT = 600.0
 GATEWAY_READY_TIMEOUT = 60.0
@@ -54,7 +54,9 @@ class Stack:
         self.say = say
         self.home = config.home_dir
         self.logs = self.home / "logs"
-        self.supervisor = Supervisor(config.restart_backoff_max, say)
+        watch = HealthWatch(config.health_check_interval, config.health_check_timeout,
+                            config.restart_unhealthy_after, SERVER_READY_TIMEOUT)
+        self.supervisor = Supervisor(config.restart_backoff_max, say, watch)
         self.servers: list[tuple[ModelDeployment, int, Child]] = []
         self.gateway: Child | None = None
         self.backend_key = ""
@@ -95,7 +97,8 @@ class Stack:
                            "--served-model-name", model.name, *self._shared_flags(), *serve_flags(model.serve))
                 name = f"{model.name}-{replica}"
                 child = Child(name, args, self.logs / f"{name}.log", f"http://127.0.0.1:{port}/ready",
-                              env={"LMSERVE_API_KEY": self.backend_key})  # in env, not on `ps` output
+                              env={"LMSERVE_API_KEY": self.backend_key},  # in env, not on `ps` output
+                              health_url=f"http://127.0.0.1:{port}/health")
                 self.servers.append((model, port, self.supervisor.add(child)))
                 port += 1
         self.say(f"starting {len(self.servers)} model server(s); logs in {self.logs}")
@@ -115,8 +118,9 @@ class Stack:
         config: dict[str, Any] = {
             "host": self.config.host, "port": self.config.port, "database_url": self.database_url,
             "admin_key": admin_key, "models": models,
-            # A replica that dies is noticed within about a second, not the default five.
-            "health": {"probe_interval": 1.0, "unhealthy_after": 1, "cooldown": 3.0},
+            # A replica that dies (refused, "dead") is out within about two seconds, not ten; one that
+            # is merely slow to answer probes under load stays in until three of them time out.
+            "health": {"probe_interval": 1.0, "unhealthy_after": 2, "timeout_unhealthy_after": 3, "cooldown": 3.0},
         }
         if self.config.redis_url:
             config["redis_url"] = self.config.redis_url

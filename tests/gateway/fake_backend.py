@@ -12,6 +12,7 @@ number of content chunks) and `stream_options.include_usage` like OpenAI. Every 
   first_chunk_delay   seconds between a stream's head and its first chunk (queueing + prefill)
   content, chunk_chars  completion text and how many characters go in each chunk
   health, ready       statuses of /health and /ready (ready 404 = no readiness endpoint)
+  probe_delay         seconds before /health and /ready answer (a server too busy to answer probes)
   hang_body           answer the head of a non-streamed response, then stall
   finish_reason       the finish reason of every choice ("stop"; "timeout" for a truncated answer)
 
@@ -32,7 +33,7 @@ from aiohttp import web
 
 DEFAULTS = {"status": None, "fail_count": 0, "delay": 0.0, "chunk_delay": 0.0, "content": "Hello from the fake",
             "chunk_chars": 4, "health": 200, "ready": 200, "hang_body": False, "first_chunk_delay": 0.0,
-            "finish_reason": "stop"}
+            "finish_reason": "stop", "probe_delay": 0.0}
 
 
 class FakeBackend:
@@ -45,7 +46,7 @@ class FakeBackend:
     def reset(self) -> None:
         self.stats = {"requests": 0, "completions": 0, "streams_started": 0, "streams_finished": 0,
                       "streams_cancelled": 0, "last_headers": {}, "last_body": None, "in_flight": 0,
-                      "max_in_flight": 0}
+                      "max_in_flight": 0, "health_probes": 0}
 
     def headers(self) -> dict[str, str]:
         return {"x-backend-name": self.name}
@@ -63,9 +64,14 @@ class FakeBackend:
         return web.json_response({"ok": True})
 
     async def health(self, request: web.Request) -> web.Response:
+        self.stats["health_probes"] += 1
+        if self.state["probe_delay"]:
+            await asyncio.sleep(self.state["probe_delay"])
         return web.json_response({"status": "ok"}, status=self.state["health"])
 
     async def ready(self, request: web.Request) -> web.Response:
+        if self.state["probe_delay"]:
+            await asyncio.sleep(self.state["probe_delay"])
         return web.json_response({"status": "ready"}, status=self.state["ready"])
 
     def _injected_status(self) -> int | None:
