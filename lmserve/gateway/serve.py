@@ -31,10 +31,14 @@ class _DrainingServer(uvicorn.Server):
         freeze_heap("gateway")
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.gateway.is_draining:
-            log.info("signal %d: draining in-flight requests, then exiting", sig)
+        """The first signal drains, a second one exits at once; either way the process then exits 0
+        like the server (uvicorn's own handler re-raises the signal after shutdown: -SIGTERM)."""
+        if self.gateway.is_draining:
+            self.force_exit = True
+            return
+        log.info("signal %d: draining in-flight requests, then exiting", sig)
         self.gateway.is_draining = True
-        super().handle_exit(sig, frame)
+        self.should_exit = True
 
 
 def uvicorn_config(config: GatewayConfig, gateway: Gateway) -> uvicorn.Config:

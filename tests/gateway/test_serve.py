@@ -57,8 +57,8 @@ def test_sigterm_drains_in_flight_streams_then_exits(backends, gateway_factory, 
     thread.join(20)
     data = [line for line in received if line.startswith("data: ")]
     assert data[-1] == "data: [DONE]" and len(data) == 11  # the whole stream arrived
-    # uvicorn exits through the signal it drained for (-SIGTERM), as a supervisor expects.
-    assert gw.proc.popen.wait(15) in (0, -signal.SIGTERM)
+    # A drain that finished is a clean exit, as for the server (docs/operations.md).
+    assert gw.proc.popen.wait(15) == 0
     assert "draining in-flight requests" in gw.proc.log()
     # The ledger was flushed on the way out.
     cli = subprocess.run([sys.executable, "-m", "lmserve.cli", "keys", "usage", created["id"], "--database-url",
