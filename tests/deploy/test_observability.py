@@ -4,6 +4,7 @@ real Prometheus scraping them (non-empty where the metrics it reads have samples
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -70,8 +71,16 @@ def test_server_exports_alerting_gauges(live_stack: LiveStack) -> None:
 
 def test_gateway_counts_tokens_and_rejections_per_key(live_stack: LiveStack) -> None:
     """The per-key series the gateway dashboard reads hold what the server reported and what was refused."""
-    families = text_string_to_metric_families(live_stack.scrape(live_stack.gateway.url))
-    samples = [s for family in families for s in family.samples]
+    expected = sum(reported[1] for reported in live_stack.traffic.reported.values())
+    deadline = time.monotonic() + 10  # a stream's usage is recorded just after its client saw [DONE]
+    while True:
+        families = text_string_to_metric_families(live_stack.scrape(live_stack.gateway.url))
+        samples = [s for family in families for s in family.samples]
+        completions = sum(s.value for s in samples if s.name == "lmserve_gateway_key_tokens_total"
+                          and s.labels["kind"] == "completion")
+        if completions == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     for key_id, reported in live_stack.traffic.reported.items():
         tokens = {s.labels["kind"]: s.value for s in samples
                   if s.name == "lmserve_gateway_key_tokens_total" and s.labels["key"] == key_id}

@@ -4,6 +4,8 @@ real gateway's /metrics after real requests with real keys."""
 from __future__ import annotations
 
 import datetime as dt
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -27,6 +29,18 @@ def samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
 def total(url: str, name: str, **labels: str) -> float:
     """The sum of the samples of `name` whose labels include `labels`."""
     return sum(value for got, value in samples(url, name) if all(got.get(k) == v for k, v in labels.items()))
+
+
+def settled(read: Callable[[], float], expected: float, timeout: float = 10.0) -> float:
+    """`read()` once it equals `expected`, or its last value after `timeout`. A streaming client
+    returns at `data: [DONE]`, which the gateway relays before it records the stream's usage and
+    sends its last byte, so a stream's counters may lag its client by a moment."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while value != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = read()
+    return value
 
 
 def create_key(gw: GatewayProc, **fields: object) -> tuple[str, str]:
@@ -70,6 +84,8 @@ def test_per_key_tokens_equal_the_usage_backends_reported(backends, gateway_fact
     reported[alice_id].append((10, 5, 4))
 
     names = {alice_id: ("alice", "acme"), bob_id: ("bob", "acme"), carol_id: ("carol", "-")}
+    completions = sum(u[1] for usages in reported.values() for u in usages)
+    assert settled(lambda: total(gw.url, _TOKENS, kind="completion"), completions) == completions
     for key_id, usages in reported.items():
         assert len(usages) == (4 if key_id == alice_id else 2)
         name, tenant = names[key_id]
@@ -160,7 +176,7 @@ def test_added_latency_is_the_time_outside_backends(backends, gateway_factory, t
         assert post(gw, secret).status_code == 200
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0)
     for _ in range(2):
-        assert len([c for c in client.chat.completions.create(**{**_CHAT, "model": "s"}, stream=True)]) >= 5
+        assert len(list(client.chat.completions.create(**{**_CHAT, "model": "s"}, stream=True))) >= 5  # type: ignore[call-overload]
     assert post(gw, secret, {**_CHAT, "model": "r"}).status_code == 200
     assert total(gw.url, "lmserve_gateway_retries_total", model="r") == 1
     limited, _ = create_key(gw, rpm=0)
@@ -170,7 +186,8 @@ def test_added_latency_is_the_time_outside_backends(backends, gateway_factory, t
     upstream_floor = {"m": 3 * 0.3, "s": 2 * 5 * 0.1, "r": 2 * 0.3}
     forwarded = {"m": 3, "s": 2, "r": 1}
     for model, floor in upstream_floor.items():
-        added_count = total(gw.url, "lmserve_gateway_added_latency_seconds_count", model=model)
+        added_count = settled(lambda m=model: total(gw.url, "lmserve_gateway_added_latency_seconds_count", model=m),
+                              forwarded[model])
         whole_count = total(gw.url, "lmserve_gateway_request_duration_seconds_count", model=model)
         assert added_count == forwarded[model]
         assert whole_count == forwarded[model] + (1 if model == "m" else 0)
