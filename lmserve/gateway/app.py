@@ -43,7 +43,7 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, tracer: Tracer | None = None, resolver: Resolver | None = None) -> None:
         self.config = config
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(config.metrics_max_keys)
         if config.tls_certfile:
             self.metrics.set_tls_certificate(config.tls_certfile)
         self.router = Router(config)

@@ -62,18 +62,28 @@ def _from_key(record: KeyRecord, defaults: tuple[int | None, int | None]) -> Pri
                      record.priority)
 
 
+class KeyRefused(GatewayError):
+    """A 401 for a key the store knows (revoked or expired); `principal` names it for the per-key metrics."""
+
+    def __init__(self, message: str, principal: Principal, reason: str) -> None:
+        super().__init__(401, message, "authentication_error", "invalid_api_key")
+        self.principal = principal
+        self.reason = reason
+
+
 _Entry = tuple[Principal | None, str, float | None, float]
 
 
 def _entry(record: KeyRecord | None, key_hash: str, keys: dict[str, tuple[KeyRecord | None, float]],
            defaults: tuple[int | None, int | None]) -> _Entry:
     """The hot-path cache entry for a looked-up key: (principal or None, refusal message, expiry
-    epoch, re-read after); valid as long as the record's cache entry."""
+    epoch, re-read after); valid as long as the record's cache entry. A revoked key keeps its
+    principal (with a refusal) so that its refusals can be counted per key."""
     valid_until = keys[key_hash][1] if key_hash in keys else time.monotonic()
     if record is None:
         return None, "Invalid or missing API key.", None, valid_until
     if record.revoked_at is not None:
-        return None, "This API key has been revoked.", None, valid_until
+        return _from_key(record, defaults), "This API key has been revoked.", None, valid_until
     expires_at = record.expires_at.timestamp() if record.expires_at is not None else None
     return _from_key(record, defaults), "", expires_at, valid_until
 
@@ -169,8 +179,10 @@ class Authenticator:
         principal, refusal, expires_at, _ = cached
         if principal is None:
             raise unauthorized(refusal)
+        if refusal:
+            raise KeyRefused(refusal, principal, "revoked")
         if expires_at is not None and now >= expires_at:
-            raise unauthorized("This API key has expired.")
+            raise KeyRefused("This API key has expired.", principal, "expired")
         return principal
 
     def _verify_jwt(self, token: str) -> Principal:

@@ -315,6 +315,8 @@ class GatewayConfig:
     """On SIGTERM, how long in-flight requests may take before the gateway exits anyway."""
     access_log: bool = True
     """One JSON line per request."""
+    metrics_max_keys: int = 500
+    """Keys, and separately tenants, labelled by name in the per-key metrics (first seen first); later ones are `other`."""
     log_level: str = "info"
     """debug, info, warning or error."""
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
@@ -353,6 +355,7 @@ class GatewayConfig:
         check_log_level(self.log_level)
         _positive("key_cache_ttl", self.key_cache_ttl, allow_zero=True)
         _positive("ledger_flush_interval", self.ledger_flush_interval)
+        _positive("metrics_max_keys", self.metrics_max_keys, allow_zero=True)
 
 
 _NESTED = {

@@ -25,7 +25,7 @@ from lmserve.gateway.asgi import (
     send_bytes,
     send_error,
 )
-from lmserve.gateway.auth import Authenticator, Principal
+from lmserve.gateway.auth import Authenticator, KeyRefused, Principal
 from lmserve.gateway.cache import ResponseCache, cache_key, is_cacheable, is_complete_answer
 from lmserve.gateway.config import GatewayConfig
 from lmserve.gateway.errors import GatewayError, forbidden, not_found
@@ -180,7 +180,11 @@ class ProxyHandler:
 
     async def _admit(self, scope: dict[str, Any], headers: dict[bytes, bytes], raw: bytes, request_id: bytes,
                      span: Any, result: ProxyResult) -> ProxyRequest:
-        principal = await self.auth.authenticate(headers.get(b"authorization"))
+        try:
+            principal = await self.auth.authenticate(headers.get(b"authorization"))
+        except KeyRefused as refused:
+            self.metrics.record_key_rejection(refused.principal, refused.reason)
+            raise
         route = FORWARDED[scope["path"]]  # the app sends only these paths here
         path = route.upstream_path  # never the client's bytes (request smuggling)
         body, raw = strip_client_identity(parse_json(raw), raw)
@@ -190,12 +194,14 @@ class ProxyHandler:
             raise not_found(f"The model `{model}` does not exist.", "model_not_found", "model")
         result.model = pool.name
         if not (principal.may_use(model) or principal.may_use(pool.name)):
+            self.metrics.record_key_rejection(principal, "model_not_allowed")
             raise forbidden(f"This key may not use the model `{model}`.")
         extra: list[tuple[bytes, bytes]] = [(b"x-request-id", request_id)]
         if has_limits(principal):
             state = await self._shared(self.limiter.admit(principal), "rate limiter")  # None: fail open
             if state is not None and state.reason is not None:
                 self.metrics.rate_limited.labels(state.reason).inc()
+                self.metrics.record_key_rejection(principal, state.reason)
                 raise refusal(principal, state, self.limits.window_seconds)
             if state is not None:
                 extra += limit_headers(principal, state, self.limits.window_seconds)
@@ -218,6 +224,7 @@ class ProxyHandler:
     async def _serve(self, req: ProxyRequest, receive: Receive, send: Send, result: ProxyResult) -> None:
         if not self.router.acquire_slot(req.pool, req.priority):
             self.metrics.shed.labels(req.pool.name, req.priority).inc()
+            self.metrics.record_key_rejection(req.principal, "shed")
             raise GatewayError(429, f"The model `{req.pool.name}` is overloaded; retry shortly.",
                                "rate_limit_error", "overloaded", headers=[(b"retry-after", b"1")])
         in_flight = self.metrics.in_flight
@@ -292,6 +299,7 @@ class ProxyHandler:
         if prompt or completion:
             self.metrics.tokens.add((result.model, "prompt"), prompt)
             self.metrics.tokens.add((result.model, "completion"), completion)
+            self.metrics.record_key_tokens(req.principal, prompt, completion, cached)
             if has_limits(req.principal):
                 await self._shared(self.limiter.record_tokens(req.principal, prompt + completion), "rate limiter")
         if data is not None and req.cache_key is not None and self.cache is not None and is_complete_answer(data):
@@ -329,6 +337,8 @@ class ProxyHandler:
         metrics = self.metrics
         metrics.requests.add((model, result.backend, str(result.status)))
         metrics.latency.observe((model,), elapsed)
+        if result.upstream_seconds is not None:
+            metrics.added_latency.observe((model,), max(0.0, elapsed - result.upstream_seconds))
         if result.ttfb is not None:
             metrics.ttfb.observe((model, result.backend), result.ttfb)
         if result.num_retries:

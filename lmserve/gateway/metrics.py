@@ -5,19 +5,39 @@ updated from the gateway's one event-loop thread, with no lock and no label look
 metric families only when `/metrics` is scraped. prometheus_client's own counters take a lock and
 validate labels on each update: several microseconds per request on the hot path. Rare events
 (retries, shedding, limits, breaker state) keep prometheus_client's classes.
+
+Per-key metrics (`lmserve_gateway_key_*`) label a key by its id and name, never its secret, and
+bound their label values: see `PrincipalLabels`.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+if TYPE_CHECKING:
+    from lmserve.gateway.auth import Principal
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# The gateway's own share of a request is usually well under a millisecond; Redis or a slow client
+# can make it seconds.
+_ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+OTHER = "other"
+"""The key (and tenant) label value of every key (tenant) past `metrics_max_keys`."""
+NO_TENANT = "-"
+"""The tenant label value of a key without a tenant."""
+ADDED_LATENCY_HELP = (
+    "Seconds a forwarded request spends in the gateway rather than waiting on a backend: from the "
+    "request's arrival (headers read) to its last byte sent to the client, minus the time of every "
+    "upstream attempt (each from sending the request to the backend's last body byte or failure; "
+    "retries' attempts included). Streamed chunks are relayed inside the attempt, so for streams this "
+    "is the time before the first attempt, between attempts and after the last upstream byte. One "
+    "observation per request that reached a backend; refusals and cache hits have none.")
 
 
 class HotCounter:
@@ -74,6 +94,58 @@ class HotHistogram:
         return family
 
 
+class KeyLabels:
+    """The label values of one key in the per-key metrics, with the token series' keys made once."""
+
+    __slots__ = ("cached", "completion", "labels", "prompt")
+
+    def __init__(self, key: str, key_name: str, tenant: str) -> None:
+        self.labels = (key, key_name, tenant)
+        self.prompt = (*self.labels, "prompt")
+        self.completion = (*self.labels, "completion")
+        self.cached = (*self.labels, "cached")
+
+
+class PrincipalLabels:
+    """Bounded label values for per-key metrics.
+
+    Invariant: at most `max_values` key ids and, separately, at most `max_values` tenants ever get
+    their own label value, in the order they are first seen since the gateway started; every later
+    key is labelled `key="other", key_name="other"` and every later tenant `tenant="other"`. A key of a
+    labelled tenant keeps that tenant even past the key cap, so per-tenant sums stay whole for
+    the first `max_values` tenants. Keys have a fixed id, name and tenant, so a key's labels never change.
+    """
+
+    def __init__(self, max_values: int) -> None:
+        self.max_values = max_values
+        self._keys: dict[str, KeyLabels] = {}
+        self._tenants: set[str] = set()
+        self._past_cap: dict[str, KeyLabels] = {}
+        """Tenant label -> the labels of keys past the key cap (at most max_values + 2 entries)."""
+
+    def of(self, principal: Principal) -> KeyLabels:
+        labels = self._keys.get(principal.id)
+        if labels is not None:
+            return labels
+        tenant = self._tenant(principal.tenant)
+        if len(self._keys) < self.max_values:
+            labels = self._keys[principal.id] = KeyLabels(principal.id, principal.name, tenant)
+            return labels
+        labels = self._past_cap.get(tenant)
+        if labels is None:
+            labels = self._past_cap[tenant] = KeyLabels(OTHER, OTHER, tenant)
+        return labels
+
+    def _tenant(self, tenant: str | None) -> str:
+        if tenant is None:
+            return NO_TENANT
+        if tenant not in self._tenants:
+            if len(self._tenants) >= self.max_values:
+                return OTHER
+            self._tenants.add(tenant)
+        return tenant
+
+
 class _HotCollector(Collector):
     def __init__(self, metrics: list[HotCounter | HotHistogram]) -> None:
         self.metrics = metrics
@@ -86,7 +158,7 @@ class _HotCollector(Collector):
 class GatewayMetrics:
     """Names are prefixed `lmserve_gateway_`; label sets are small and bounded by the config."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_key_labels: int = 500) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = HotCounter("lmserve_gateway_requests", "Requests answered, by model, backend and status.",
@@ -97,7 +169,19 @@ class GatewayMetrics:
                                  "to first token; non-streamed answers: the whole generation).", ("model", "backend"))
         self.tokens = HotCounter("lmserve_gateway_tokens", "Tokens reported by backends.", ("model", "kind"))
         self.in_flight = HotCounter("lmserve_gateway_in_flight", "Requests in flight.", ("model",), is_gauge=True)
-        r.register(_HotCollector([self.requests, self.latency, self.ttfb, self.tokens, self.in_flight]))
+        self.added_latency = HotHistogram("lmserve_gateway_added_latency_seconds", ADDED_LATENCY_HELP, ("model",),
+                                          _ADDED_BUCKETS)
+        self.key_labels = PrincipalLabels(max_key_labels)
+        self.key_tokens = HotCounter("lmserve_gateway_key_tokens",
+                                     "Tokens reported by backends (or estimated for a broken-off stream), by "
+                                     "key and tenant; keys and tenants past metrics_max_keys are `other`.",
+                                     ("key", "key_name", "tenant", "kind"))
+        self.key_rejections = HotCounter("lmserve_gateway_key_rejections",
+                                         "Requests of a known key refused, by reason: requests, tokens, budget "
+                                         "(limits), shed (overload), model_not_allowed, revoked, expired.",
+                                         ("key", "key_name", "tenant", "reason"))
+        r.register(_HotCollector([self.requests, self.latency, self.ttfb, self.tokens, self.in_flight,
+                                  self.added_latency, self.key_tokens, self.key_rejections]))
         self.retries = Counter("lmserve_gateway_retries", "Requests retried on another backend.",
                                ["model"], registry=r)
         self.retry_budget_exhausted = Counter("lmserve_gateway_retry_budget_exhausted",
@@ -119,6 +203,16 @@ class GatewayMetrics:
         self.tls_cert_expiry = Gauge("lmserve_gateway_tls_cert_expiry_timestamp_seconds",
                                      "Unix time the served TLS certificate expires (only when terminating TLS).",
                                      ["certfile"], registry=r)
+
+    def record_key_tokens(self, principal: Principal, prompt: int, completion: int, cached: int) -> None:
+        labels = self.key_labels.of(principal)
+        values = self.key_tokens.values  # HotCounter.add inlined: this runs once per request
+        values[labels.prompt] = values.get(labels.prompt, 0.0) + prompt
+        values[labels.completion] = values.get(labels.completion, 0.0) + completion
+        values[labels.cached] = values.get(labels.cached, 0.0) + cached
+
+    def record_key_rejection(self, principal: Principal, reason: str) -> None:
+        self.key_rejections.add((*self.key_labels.of(principal).labels, reason))
 
     def set_tls_certificate(self, certfile: str) -> None:
         """Read once: the server's TLS context is built at start, so the certificate it serves is the

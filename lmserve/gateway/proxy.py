@@ -18,6 +18,10 @@ request to the backend's first body byte. For a stream that is its first event (
 prefill: time to first token); a non-streamed answer's body comes whole once generation ends, so
 there it is the whole generation. The `latency` strategy's EWMA takes only streamed samples, so it
 always means time to first token.
+
+Upstream time (`ProxyResult.upstream_seconds`, which the handler subtracts from the whole request
+to get the `added_latency` histogram): the sum over attempts of the seconds from sending the
+request to the backend's last body byte, or to the attempt's failure.
 """
 
 from __future__ import annotations
@@ -80,6 +84,10 @@ class ProxyResult:
     num_events: int = 0
     num_retries: int = 0
     ttfb: float | None = None
+    upstream_seconds: float | None = None
+    """Seconds spent on upstream attempts, summed (see the module docstring); None: no attempt."""
+    upstream_done: float | None = None
+    """When the current attempt's last upstream byte came (monotonic); None until then."""
     is_cache_hit: bool = False
     is_started: bool = False
     """Response head went to the client."""
@@ -187,7 +195,7 @@ class Forwarder:
         started = time.monotonic()
         backend.begin()
         outcome: bool | None = None  # None: says nothing about the backend (client went away)
-        result.ttfb = None
+        result.ttfb = result.upstream_done = None
         try:
             try:
                 response = await self.upstream.request(backend.url, b"POST", req.path,
@@ -216,6 +224,8 @@ class Forwarder:
             finally:
                 response.release()
         finally:
+            done = result.upstream_done if result.upstream_done is not None else time.monotonic()
+            result.upstream_seconds = (result.upstream_seconds or 0.0) + done - started
             # Only streamed samples feed the latency EWMA: they measure time to first token.
             backend.end(outcome, result.ttfb if outcome and req.is_stream else None)
 
@@ -241,6 +251,7 @@ class Forwarder:
             data = await response.read()
         except UpstreamError as exc:
             raise _Retry(502, str(exc), None) from None
+        result.upstream_done = time.monotonic()
         result.status = response.status
         if response.status == 200 and data[:1] == b"{":
             data = self._account_whole(data, result)
@@ -288,11 +299,13 @@ class Forwarder:
             async for chunk in response.chunks():
                 await relay.push(chunk)
         except UpstreamError as exc:
+            result.upstream_done = time.monotonic()
             await relay.finish()
             await self.on_complete(req, result, None)
             await send({"type": "http.response.body", "body": sse_error_event(f"Upstream failed mid-stream: {exc}")})
             result.status = 502
             return
+        result.upstream_done = time.monotonic()
         await relay.finish()
         await self.on_complete(req, result, None)
         await send({"type": "http.response.body", "body": b""})

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 from openai import OpenAI, RateLimitError
+from openai.types import CompletionUsage
 
 from tests.conftest import serve_args
 from tests.gateway.conftest import GatewayProc, base_config
@@ -34,10 +35,20 @@ def require_tool(name: str) -> str:
 
 
 @dataclass
+class Traffic:
+    """What `drive_traffic` sent: the main key, and per key id the (prompt, completion, cached) tokens
+    the server reported for the requests it answered (cache hits excluded), and the 429s it got."""
+
+    key: str
+    reported: dict[str, list[int]]
+    num_rate_limited: dict[str, int]
+
+
+@dataclass
 class LiveStack:
     server: Process
     gateway: GatewayProc
-    key: str
+    traffic: Traffic
 
     def scrape(self, proc_url: str) -> str:
         response = httpx.get(proc_url + "/metrics", timeout=10)
@@ -55,21 +66,43 @@ def start_gateway(tmp: Path, config: dict, name: str = "gw", scheme: str = "http
     return GatewayProc(proc, config, path)
 
 
-def drive_traffic(gateway: GatewayProc) -> str:
-    """Plain, streamed, cached and rate-limited requests through the gateway; returns the main key."""
-    key = gateway.create_key(name="dashboards", tenant="acme")
+def _create_key(gateway: GatewayProc, **fields: object) -> tuple[str, str]:
+    response = gateway.admin("POST", "/admin/keys", json=fields)
+    response.raise_for_status()
+    return response.json()["key"], response.json()["id"]
+
+
+def _add_usage(total: list[int], usage: CompletionUsage | None) -> None:
+    assert usage is not None
+    details = usage.prompt_tokens_details
+    for index, value in enumerate((usage.prompt_tokens, usage.completion_tokens,
+                                   (details.cached_tokens or 0) if details else 0)):
+        total[index] += value
+
+
+def drive_traffic(gateway: GatewayProc) -> Traffic:
+    """Plain, streamed, cached and rate-limited requests through the gateway, with two keys."""
+    key, key_id = _create_key(gateway, name="dashboards", tenant="acme")
+    limited_key, limited_id = _create_key(gateway, name="limited", rpm=1)
+    traffic = Traffic(key, {key_id: [0, 0, 0], limited_id: [0, 0, 0]}, {key_id: 0, limited_id: 0})
     client = OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
     messages = [{"role": "user", "content": "Hello there"}]
     for _ in range(2):  # the second one is a cache hit (temperature 0)
-        client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
-    for _ in client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, stream=True):
-        pass
-    limited = OpenAI(base_url=gateway.url + "/v1", api_key=gateway.create_key(name="limited", rpm=1),
-                     max_retries=0)
-    limited.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0.5)
+        raw = client.chat.completions.with_raw_response.create(model="tiny", messages=messages, max_tokens=8,
+                                                               temperature=0)
+        if "x-lmserve-cache" not in raw.headers:
+            _add_usage(traffic.reported[key_id], raw.parse().usage)
+    for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, stream=True,
+                                                stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            _add_usage(traffic.reported[key_id], chunk.usage)
+    limited = OpenAI(base_url=gateway.url + "/v1", api_key=limited_key, max_retries=0)
+    answer = limited.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0.5)
+    _add_usage(traffic.reported[limited_id], answer.usage)
     with pytest.raises(RateLimitError):
         limited.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0.5)
-    return key
+    traffic.num_rate_limited[limited_id] += 1
+    return traffic
 
 
 def start_tiny_server(tmp: Path) -> Process:

@@ -4,8 +4,10 @@ real Prometheus scraping them (non-empty where the metrics it reads have samples
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.conftest import DASHBOARDS_DIR, RULES_DIR, LivePrometheus, LiveStack
 from tests.deploy.promql import SYNTHETIC, dashboard_queries, exported_names, metric_names, rules
@@ -65,6 +67,30 @@ def test_server_exports_alerting_gauges(live_stack: LiveStack) -> None:
     assert re.search(r'^lmserve:max_num_seqs\{model_name="tiny"\} 256\.0$', text, re.M)
     limit = re.search(r"^lmserve:memory_limit_bytes ([0-9.e+]+)$", text, re.M)
     assert limit and float(limit.group(1)) > 2**20
+
+
+def test_gateway_counts_tokens_and_rejections_per_key(live_stack: LiveStack) -> None:
+    """The per-key series the gateway dashboard reads hold what the server reported and what was refused."""
+    expected = sum(reported[1] for reported in live_stack.traffic.reported.values())
+    deadline = time.monotonic() + 10  # a stream's usage is recorded just after its client saw [DONE]
+    while True:
+        families = text_string_to_metric_families(live_stack.scrape(live_stack.gateway.url))
+        samples = [s for family in families for s in family.samples]
+        completions = sum(s.value for s in samples if s.name == "lmserve_gateway_key_tokens_total"
+                          and s.labels["kind"] == "completion")
+        if completions == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for key_id, reported in live_stack.traffic.reported.items():
+        tokens = {s.labels["kind"]: s.value for s in samples
+                  if s.name == "lmserve_gateway_key_tokens_total" and s.labels["key"] == key_id}
+        assert [tokens.get(kind, 0) for kind in ("prompt", "completion", "cached")] == reported
+        assert reported[0] > 0 and reported[1] > 0
+        refused = sum(s.value for s in samples
+                      if s.name == "lmserve_gateway_key_rejections_total" and s.labels["key"] == key_id)
+        assert refused == live_stack.traffic.num_rate_limited[key_id]
+    added = [s.value for s in samples if s.name == "lmserve_gateway_added_latency_seconds_count"]
+    assert added == [3]  # the two keys' answers that reached the server; not the cache hit or the 429
 
 
 def test_every_query_runs_on_live_prometheus(live_stack: LiveStack, live_prometheus: LivePrometheus) -> None:

@@ -15,6 +15,8 @@ number of content chunks) and `stream_options.include_usage` like OpenAI. Every 
   probe_delay         seconds before /health and /ready answer (a server too busy to answer probes)
   hang_body           answer the head of a non-streamed response, then stall
   finish_reason       the finish reason of every choice ("stop"; "timeout" for a truncated answer)
+  cached_tokens       `usage.prompt_tokens_details.cached_tokens` (0: no details, like a server without
+                      prefix caching)
 
 With `logprobs` in the request, each chunk of `content` is one token with log-probabilities
 (OpenAI's chat or legacy completions layout); its top alternatives are itself and "x".
@@ -33,7 +35,7 @@ from aiohttp import web
 
 DEFAULTS = {"status": None, "fail_count": 0, "delay": 0.0, "chunk_delay": 0.0, "content": "Hello from the fake",
             "chunk_chars": 4, "health": 200, "ready": 200, "hang_body": False, "first_chunk_delay": 0.0,
-            "finish_reason": "stop", "probe_delay": 0.0}
+            "finish_reason": "stop", "probe_delay": 0.0, "cached_tokens": 0}
 
 
 class FakeBackend:
@@ -113,8 +115,13 @@ class FakeBackend:
             choice["logprobs"] = _logprobs([text[i:i + size] for i in range(0, len(text), size)], is_chat, 0)
         return {"id": "cmpl-fake", "object": "chat.completion" if is_chat else "text_completion",
                 "created": int(time.time()), "model": body.get("model"), "choices": [choice],
-                "usage": {"prompt_tokens": 10, "completion_tokens": num_chunks, "total_tokens": 10 + num_chunks},
-                "backend": self.name}
+                "usage": self._usage(num_chunks), "backend": self.name}
+
+    def _usage(self, num_chunks: int) -> dict:
+        usage: dict = {"prompt_tokens": 10, "completion_tokens": num_chunks, "total_tokens": 10 + num_chunks}
+        if self.state["cached_tokens"]:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.state["cached_tokens"]}
+        return usage
 
     async def _hang(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={**self.headers(), "content-type": "application/json"})
@@ -151,7 +158,7 @@ class FakeBackend:
                 if self.state["chunk_delay"]:
                     await asyncio.sleep(self.state["chunk_delay"])
             if include_usage:
-                usage = {"prompt_tokens": 10, "completion_tokens": len(pieces), "total_tokens": 10 + len(pieces)}
+                usage = self._usage(len(pieces))
                 await response.write(b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
