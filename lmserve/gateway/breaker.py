@@ -3,7 +3,9 @@
 Opens on `consecutive_failures` failures in a row, or when the error rate over the last
 `window_size` outcomes reaches `error_rate` (once that many outcomes are known). After `cooldown`
 seconds an open breaker lets exactly one trial request through (half-open); its success closes the
-breaker, its failure opens it again for another cooldown.
+breaker, its failure opens it again for another cooldown. A trial stream closes it as soon as the
+backend answers 200 (`record_answer`): a long stream must not hold every other request off a backend
+that has come back; its end is then recorded like any other outcome.
 
 Invariant: in HALF_OPEN at most one trial is outstanding (`is_trial_out`).
 """
@@ -81,6 +83,12 @@ class CircuitBreaker:
                 and self.num_window_failures >= self.error_rate * self.window_size)
         ):
             self._open()
+
+    def record_answer(self) -> None:
+        """The backend answered a request with 200 and is streaming it: closes a half-open breaker."""
+        if self.state is BreakerState.HALF_OPEN:
+            self.is_trial_out = False
+            self._close()
 
     def cancel(self) -> None:
         """A request ended without an outcome (the client left): frees the half-open trial slot."""

@@ -213,6 +213,7 @@ class Forwarder:
                                  await self._read_error(response))
                 outcome = False
                 if req.is_stream and response.status == 200:
+                    backend.breaker.record_answer()
                     await self._relay_stream(req, response, send, result, started)
                 else:
                     result.ttfb = time.monotonic() - started

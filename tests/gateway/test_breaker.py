@@ -69,3 +69,17 @@ def test_cancelled_trial_frees_the_slot() -> None:
     assert breaker.acquire()
     breaker.cancel()
     assert breaker.acquire()
+
+
+def test_a_trial_that_the_backend_answers_closes_the_breaker_at_once() -> None:
+    clock = Clock()
+    breaker = make(clock, consecutive=1)
+    breaker.record(False)
+    clock.now += 5.0
+    assert breaker.acquire()
+    breaker.record_answer()  # a stream's 200 head: the backend is back
+    assert breaker.state is BreakerState.CLOSED and breaker.acquire() and breaker.acquire()
+    breaker.record(True)  # the trial's own end then counts like any outcome
+    assert breaker.state is BreakerState.CLOSED
+    breaker.record_answer()  # closed: nothing changes
+    assert breaker.state is BreakerState.CLOSED

@@ -158,6 +158,50 @@ def test_breaker_opens_and_recovers(backends, gateway_factory, tmp_path: Path) -
     assert gw.admin("GET", "/admin/health").json()["models"]["m"]["backends"][0]["breaker"] == "closed"
 
 
+def _breaker(gw, index: int) -> str:  # type: ignore[no-untyped-def]
+    return gw.admin("GET", "/admin/health").json()["models"]["m"]["backends"][index]["breaker"]
+
+
+def test_a_trial_stream_closes_the_breaker_once_the_backend_answers(backends, gateway_factory,
+                                                                    tmp_path: Path) -> None:
+    """A backend that came back takes traffic again while its (long) trial stream still runs."""
+    a, b = backends("a"), backends("b")
+    config = base_config(tmp_path, [{"name": "m", "backends": [{"url": a.url}, {"url": b.url}]}],
+                         health={"consecutive_failures": 3, "cooldown": 1.0, "probe_interval": 30},
+                         retries={"retry_on_status": []})
+    gw = gateway_factory(config)
+    key = gw.create_key()
+    headers = {"authorization": f"Bearer {key}"}
+    a.control(status=500, fail_count=-1)
+    for _ in range(6):
+        post(gw.url, key)
+    assert _breaker(gw, 0) == "open"
+    a.control(status=None, fail_count=0, chunk_delay=0.5, content="0123456789", chunk_chars=1)  # 5 s streams
+    body = {"model": "m", "stream": True, **CHAT}
+    with httpx.Client(timeout=30) as client:
+        trial = None
+        deadline = time.monotonic() + 20
+        while trial is None and time.monotonic() < deadline:  # after the cooldown, a gets the trial
+            response = client.send(client.build_request("POST", gw.url + "/v1/chat/completions", json=body,
+                                                        headers=headers), stream=True)
+            if response.headers["x-backend-name"] == "a":
+                trial = response
+            else:
+                response.read()
+                response.close()
+        assert trial is not None, "a never got its trial request"
+        try:
+            assert a.stats()["in_flight"] == 1
+            assert _breaker(gw, 0) == "closed"  # the 200 head was enough
+            # a takes new requests while its trial still streams (round robin: one of two).
+            names = [post(gw.url, key).headers["x-backend-name"] for _ in range(2)]
+            assert "a" in names and a.stats()["in_flight"] >= 1
+        finally:
+            assert trial.read().endswith(b"data: [DONE]\n\n")
+            trial.close()
+    assert _breaker(gw, 0) == "closed"
+
+
 def test_unhealthy_and_unready_backends_get_no_traffic(backends, gateway_factory, tmp_path: Path) -> None:
     a, b = backends("a"), backends("b")
     gw = gateway_factory(base_config(tmp_path, [{"name": "m", "backends": [{"url": a.url}, {"url": b.url}]}],
