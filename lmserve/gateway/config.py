@@ -167,7 +167,8 @@ class HealthConfig:
     window_size: int = 20
     """Requests the error rate is computed over (and the minimum before it is)."""
     cooldown: float = 10.0
-    """Seconds an open breaker waits before letting one trial request through (half-open)."""
+    """Seconds an open breaker waits before letting one trial request through (half-open); the trial
+    closes it when it succeeds, a streamed one as soon as the backend answers 200."""
 
     def __post_init__(self) -> None:
         _positive("health.probe_interval", self.probe_interval)
