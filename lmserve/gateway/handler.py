@@ -43,6 +43,8 @@ log = logging.getLogger("lmserve.gateway.access")
 _T = TypeVar("_T")
 _PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 _RANK_PRIORITY = ("high", "normal", "low")
+_PRIORITY_HEADERS = {name: (PRIORITY_HEADER, name.encode()) for name in _RANK_PRIORITY}
+"""The `X-Lmserve-Priority` header of each priority class, made once rather than per request."""
 _WATCH_AFTER = 0.05
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
 """Client request ids kept as they are; anything else is replaced (it travels into headers and logs)."""
@@ -216,7 +218,7 @@ class ProxyHandler:
         req = ProxyRequest(request_id, path, raw, body, principal, pool, is_stream, wants_usage, affinity, extra,
                            priority=priority, is_idempotent=route.is_idempotent,
                            upstream_headers=[(TENANT_HEADER, principal.tenant_header),
-                                             (PRIORITY_HEADER, priority.encode())])
+                                             _PRIORITY_HEADERS[priority]])
         if span is not None:
             req.upstream_headers.append((b"traceparent", self.tracer.traceparent(span)))  # type: ignore[union-attr]
         return req
