@@ -338,9 +338,11 @@ class ProxyHandler:
             task.add_done_callback(self._background.discard)
         metrics = self.metrics
         metrics.requests.add((model, result.backend, str(result.status)))
-        metrics.latency.observe((model,), elapsed)
+        model_key = (model,)
+        metrics.latency.observe(model_key, elapsed)
         if result.upstream_seconds is not None:
-            metrics.added_latency.observe((model,), max(0.0, elapsed - result.upstream_seconds))
+            added = elapsed - result.upstream_seconds
+            metrics.added_latency.observe(model_key, added if added > 0.0 else 0.0)
         if result.ttfb is not None:
             metrics.ttfb.observe((model, result.backend), result.ttfb)
         if result.num_retries:

@@ -71,39 +71,70 @@ class HotHistogram:
         self.documentation = documentation
         self.labels = labels
         self.buckets = buckets
-        self.counts: dict[tuple[str, ...], list[int]] = {}
-        self.sums: dict[tuple[str, ...], float] = {}
+        self.series: dict[tuple[str, ...], list[float]] = {}
+        """Per label set: the sum, then the count of each bucket (the last one is +Inf), in one list so
+        that an observation costs one dict lookup (and constant, non-negative indices, which the
+        interpreter specialises)."""
 
     def observe(self, key: tuple[str, ...], value: float) -> None:
-        counts = self.counts.get(key)
-        if counts is None:
-            counts = self.counts[key] = [0] * (len(self.buckets) + 1)
-            self.sums[key] = 0.0
-        counts[bisect_left(self.buckets, value)] += 1  # bucket bounds are inclusive (value <= le)
-        self.sums[key] += value
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = [0.0] + [0] * (len(self.buckets) + 1)
+        series[0] += value
+        series[bisect_left(self.buckets, value) + 1] += 1  # bucket bounds are inclusive (value <= le)
 
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
         bounds = [*(repr(float(b)) for b in self.buckets), "+Inf"]
-        for key, counts in self.counts.items():
-            cumulative, running = [], 0
-            for bound, count in zip(bounds, counts):
+        for key, series in self.series.items():
+            cumulative: list[tuple[str, float]] = []
+            running: float = 0  # bucket counts are ints: the sum of ints stays an int
+            for bound, count in zip(bounds, series[1:]):
                 running += count
                 cumulative.append((bound, running))
-            family.add_metric(key, cumulative, self.sums[key])
+            family.add_metric(key, cumulative, series[0])
         return family
 
 
 class KeyLabels:
-    """The label values of one key in the per-key metrics, with the token series' keys made once."""
+    """The label values of one key in the per-key metrics, and that key's token totals."""
 
-    __slots__ = ("cached", "completion", "labels", "prompt")
+    __slots__ = ("labels", "tokens")
 
     def __init__(self, key: str, key_name: str, tenant: str) -> None:
         self.labels = (key, key_name, tenant)
-        self.prompt = (*self.labels, "prompt")
-        self.completion = (*self.labels, "completion")
-        self.cached = (*self.labels, "cached")
+        self.tokens: list[int] | None = None
+        """Prompt, completion and cached tokens counted under these labels; None until the first count
+        (a key with only rejections has no token series)."""
+
+
+class KeyTokenCounter:
+    """`lmserve_gateway_key_tokens`: the totals live on each key's `KeyLabels`, so a request adds to
+    three list items instead of hashing three 4-tuples; they become series only when scraped.
+
+    Invariant: `labelled` holds each `KeyLabels` whose `tokens` is set, once.
+    """
+
+    KINDS = ("prompt", "completion", "cached")
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelled: list[KeyLabels] = []
+
+    def start(self, labels: KeyLabels) -> list[int]:
+        """The token totals of `labels`, made (and listed for scrapes) on its first count."""
+        if labels.tokens is None:
+            labels.tokens = [0, 0, 0]  # ints: token counts are, and int + int is the interpreter's fast path
+            self.labelled.append(labels)
+        return labels.tokens
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.documentation, labels=("key", "key_name", "tenant", "kind"))
+        for labels in self.labelled:
+            for kind, value in zip(self.KINDS, labels.tokens or ()):
+                family.add_metric((*labels.labels, kind), value)
+        return family
 
 
 class PrincipalLabels:
@@ -147,7 +178,7 @@ class PrincipalLabels:
 
 
 class _HotCollector(Collector):
-    def __init__(self, metrics: list[HotCounter | HotHistogram]) -> None:
+    def __init__(self, metrics: list[HotCounter | HotHistogram | KeyTokenCounter]) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Any]:
@@ -172,10 +203,9 @@ class GatewayMetrics:
         self.added_latency = HotHistogram("lmserve_gateway_added_latency_seconds", ADDED_LATENCY_HELP, ("model",),
                                           _ADDED_BUCKETS)
         self.key_labels = PrincipalLabels(max_key_labels)
-        self.key_tokens = HotCounter("lmserve_gateway_key_tokens",
-                                     "Tokens reported by backends (or estimated for a broken-off stream), by "
-                                     "key and tenant; keys and tenants past metrics_max_keys are `other`.",
-                                     ("key", "key_name", "tenant", "kind"))
+        self.key_tokens = KeyTokenCounter("lmserve_gateway_key_tokens",
+                                          "Tokens reported by backends (or estimated for a broken-off stream), by "
+                                          "key and tenant; keys and tenants past metrics_max_keys are `other`.")
         self.key_rejections = HotCounter("lmserve_gateway_key_rejections",
                                          "Requests of a known key refused, by reason: requests, tokens, budget "
                                          "(limits), shed (overload), model_not_allowed, revoked, expired.",
@@ -206,10 +236,12 @@ class GatewayMetrics:
 
     def record_key_tokens(self, principal: Principal, prompt: int, completion: int, cached: int) -> None:
         labels = self.key_labels.of(principal)
-        values = self.key_tokens.values  # HotCounter.add inlined: this runs once per request
-        values[labels.prompt] = values.get(labels.prompt, 0.0) + prompt
-        values[labels.completion] = values.get(labels.completion, 0.0) + completion
-        values[labels.cached] = values.get(labels.cached, 0.0) + cached
+        tokens = labels.tokens
+        if tokens is None:
+            tokens = self.key_tokens.start(labels)
+        tokens[0] += prompt
+        tokens[1] += completion
+        tokens[2] += cached
 
     def record_key_rejection(self, principal: Principal, reason: str) -> None:
         self.key_rejections.add((*self.key_labels.of(principal).labels, reason))
