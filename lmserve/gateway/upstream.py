@@ -152,6 +152,11 @@ class _Origin:
     port: int
     ssl_context: ssl.SSLContext | None
     idle: list[_Connection] = field(default_factory=list)
+    host_header: bytes = field(init=False)
+    """The `Host` header value, made once per origin rather than per request."""
+
+    def __post_init__(self) -> None:
+        self.host_header = self.host.encode() + b":" + str(self.port).encode()
 
 
 class UpstreamResponse:
@@ -310,8 +315,7 @@ class UpstreamPool:
     @staticmethod
     def _send(conn: _Connection, origin: _Origin, method: bytes, path: bytes,
               headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        host = origin.host.encode() + b":" + str(origin.port).encode()
-        lines = [method, b" ", path, b" HTTP/1.1\r\nhost: ", host, b"\r\ncontent-length: ",
+        lines = [method, b" ", path, b" HTTP/1.1\r\nhost: ", origin.host_header, b"\r\ncontent-length: ",
                  str(len(body)).encode(), b"\r\n"]
         for name, value in headers:
             lines += (name, b": ", value, b"\r\n")
