@@ -299,9 +299,7 @@ class ProxyHandler:
             prompt = len(prompt_text(req.body, self.limits.max_prompt_chars)) // 4
         self.ledger.add(req.principal.id, result.model or req.pool.name, prompt, completion, cached)
         if prompt or completion:
-            self.metrics.tokens.add((result.model, "prompt"), prompt)
-            self.metrics.tokens.add((result.model, "completion"), completion)
-            self.metrics.record_key_tokens(req.principal, prompt, completion, cached)
+            self.metrics.record_tokens(result.model, req.principal, prompt, completion, cached)
             if has_limits(req.principal):
                 await self._shared(self.limiter.record_tokens(req.principal, prompt + completion), "rate limiter")
         if data is not None and req.cache_key is not None and self.cache is not None and is_complete_answer(data):

@@ -104,36 +104,37 @@ class KeyLabels:
     def __init__(self, key: str, key_name: str, tenant: str) -> None:
         self.labels = (key, key_name, tenant)
         self.tokens: list[int] | None = None
-        """Prompt, completion and cached tokens counted under these labels; None until the first count
-        (a key with only rejections has no token series)."""
+        """This key's `lmserve_gateway_key_tokens` totals (prompt, completion, cached); None until its
+        first count (a key with only rejections has no token series)."""
 
 
-class KeyTokenCounter:
-    """`lmserve_gateway_key_tokens`: the totals live on each key's `KeyLabels`, so a request adds to
-    three list items instead of hashing three 4-tuples; they become series only when scraped.
+class TokenCounter:
+    """A token counter by label set and kind (`kinds`): each label set's totals are one list of ints,
+    which callers hold on to (per key, per model), so a request adds to list items instead of
+    building and hashing a label tuple per kind. Series become metric families only when scraped.
 
-    Invariant: `labelled` holds each `KeyLabels` whose `tokens` is set, once.
+    Invariant: `series` holds a label set only once something was counted for it.
     """
 
-    KINDS = ("prompt", "completion", "cached")
-
-    def __init__(self, name: str, documentation: str) -> None:
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], kinds: tuple[str, ...]) -> None:
         self.name = name
         self.documentation = documentation
-        self.labelled: list[KeyLabels] = []
+        self.labels = (*labels, "kind")
+        self.kinds = kinds
+        self.series: dict[tuple[str, ...], list[int]] = {}
 
-    def start(self, labels: KeyLabels) -> list[int]:
-        """The token totals of `labels`, made (and listed for scrapes) on its first count."""
-        if labels.tokens is None:
-            labels.tokens = [0, 0, 0]  # ints: token counts are, and int + int is the interpreter's fast path
-            self.labelled.append(labels)
-        return labels.tokens
+    def totals(self, labels: tuple[str, ...]) -> list[int]:
+        """The totals of `labels` (one per kind), made on the first count."""
+        totals = self.series.get(labels)
+        if totals is None:
+            totals = self.series[labels] = [0] * len(self.kinds)  # ints: int + int is the fast path
+        return totals
 
     def family(self) -> CounterMetricFamily:
-        family = CounterMetricFamily(self.name, self.documentation, labels=("key", "key_name", "tenant", "kind"))
-        for labels in self.labelled:
-            for kind, value in zip(self.KINDS, labels.tokens or ()):
-                family.add_metric((*labels.labels, kind), value)
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, totals in self.series.items():
+            for kind, value in zip(self.kinds, totals):
+                family.add_metric((*labels, kind), value)
         return family
 
 
@@ -178,7 +179,7 @@ class PrincipalLabels:
 
 
 class _HotCollector(Collector):
-    def __init__(self, metrics: list[HotCounter | HotHistogram | KeyTokenCounter]) -> None:
+    def __init__(self, metrics: list[HotCounter | HotHistogram | TokenCounter]) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Any]:
@@ -198,14 +199,18 @@ class GatewayMetrics:
         self.ttfb = HotHistogram("lmserve_gateway_upstream_ttfb_seconds",
                                  "Seconds from sending a request to the backend's first body byte (streams: time "
                                  "to first token; non-streamed answers: the whole generation).", ("model", "backend"))
-        self.tokens = HotCounter("lmserve_gateway_tokens", "Tokens reported by backends.", ("model", "kind"))
+        self.tokens = TokenCounter("lmserve_gateway_tokens", "Tokens reported by backends.", ("model",),
+                                   ("prompt", "completion"))
+        self._model_tokens: dict[str, list[int]] = {}
+        """Model name -> its `tokens` totals: a str key's hash is cached, a tuple's is not."""
         self.in_flight = HotCounter("lmserve_gateway_in_flight", "Requests in flight.", ("model",), is_gauge=True)
         self.added_latency = HotHistogram("lmserve_gateway_added_latency_seconds", ADDED_LATENCY_HELP, ("model",),
                                           _ADDED_BUCKETS)
         self.key_labels = PrincipalLabels(max_key_labels)
-        self.key_tokens = KeyTokenCounter("lmserve_gateway_key_tokens",
-                                          "Tokens reported by backends (or estimated for a broken-off stream), by "
-                                          "key and tenant; keys and tenants past metrics_max_keys are `other`.")
+        self.key_tokens = TokenCounter("lmserve_gateway_key_tokens",
+                                       "Tokens reported by backends (or estimated for a broken-off stream), by "
+                                       "key and tenant; keys and tenants past metrics_max_keys are `other`.",
+                                       ("key", "key_name", "tenant"), ("prompt", "completion", "cached"))
         self.key_rejections = HotCounter("lmserve_gateway_key_rejections",
                                          "Requests of a known key refused, by reason: requests, tokens, budget "
                                          "(limits), shed (overload), model_not_allowed, revoked, expired.",
@@ -234,14 +239,20 @@ class GatewayMetrics:
                                      "Unix time the served TLS certificate expires (only when terminating TLS).",
                                      ["certfile"], registry=r)
 
-    def record_key_tokens(self, principal: Principal, prompt: int, completion: int, cached: int) -> None:
+    def record_tokens(self, model: str, principal: Principal, prompt: int, completion: int, cached: int) -> None:
+        """Counts a request's tokens by model and by key (once per request: no label tuple is built)."""
+        totals = self._model_tokens.get(model)
+        if totals is None:
+            totals = self._model_tokens[model] = self.tokens.totals((model,))
+        totals[0] += prompt
+        totals[1] += completion
         labels = self.key_labels.of(principal)
-        tokens = labels.tokens
-        if tokens is None:
-            tokens = self.key_tokens.start(labels)
-        tokens[0] += prompt
-        tokens[1] += completion
-        tokens[2] += cached
+        totals = labels.tokens
+        if totals is None:
+            totals = labels.tokens = self.key_tokens.totals(labels.labels)
+        totals[0] += prompt
+        totals[1] += completion
+        totals[2] += cached
 
     def record_key_rejection(self, principal: Principal, reason: str) -> None:
         self.key_rejections.add((*self.key_labels.of(principal).labels, reason))
