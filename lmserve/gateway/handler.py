@@ -29,7 +29,12 @@ from lmserve.gateway.auth import Authenticator, KeyRefused, Principal
 from lmserve.gateway.cache import ResponseCache, cache_key, is_cacheable, is_complete_answer
 from lmserve.gateway.config import GatewayConfig
 from lmserve.gateway.errors import GatewayError, forbidden, not_found
-from lmserve.gateway.identity import PRIORITY_HEADER, TENANT_HEADER, strip_client_identity
+from lmserve.gateway.identity import (
+    CLIENT_IDENTITY_FIELDS,
+    PRIORITY_HEADER,
+    TENANT_HEADER,
+    strip_client_identity,
+)
 from lmserve.gateway.ledger import UsageLedger
 from lmserve.gateway.metrics import GatewayMetrics
 from lmserve.gateway.proxy import Forwarder, PassThrough, ProxyRequest, ProxyResult, response_headers
@@ -189,7 +194,9 @@ class ProxyHandler:
             raise
         route = FORWARDED[scope["path"]]  # the app sends only these paths here
         path = route.upstream_path  # never the client's bytes (request smuggling)
-        body, raw = strip_client_identity(parse_json(raw), raw)
+        body = parse_json(raw)
+        if not body.keys().isdisjoint(CLIENT_IDENTITY_FIELDS):  # checked inline: rare, and this runs per request
+            body, raw = strip_client_identity(body, raw)
         model = validate(path, body, self.limits)
         pool = self.router.resolve(model)
         if pool is None:
