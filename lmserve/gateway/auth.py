@@ -126,16 +126,27 @@ class JWTVerifier:
             raise unauthorized("JWT issuer is not accepted.") from None
         except jwt.PyJWTError as exc:
             raise unauthorized(f"Invalid JWT: {exc}.") from None
-        sub = str(claims.get("sub", "unknown"))
+        sub = _str_claim(claims, "sub") or "unknown"
         models = claims.get(cfg.models_claim)
+        if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+            # A string here would otherwise mean "no restriction": refuse rather than widen access.
+            raise unauthorized(f"JWT claim {cfg.models_claim!r} must be a list of model names.")
         principal = Principal(
-            id=f"jwt:{sub}", name=sub, tenant=claims.get(cfg.tenant_claim, sub),
-            models=frozenset(models) if isinstance(models, list) else None,
+            id=f"jwt:{sub}", name=sub, tenant=_str_claim(claims, cfg.tenant_claim) or sub,
+            models=frozenset(models) if models is not None else None,
             rpm=_int_claim(claims, "rpm"), tpm=_int_claim(claims, "tpm"),
             budget_tokens=_int_claim(claims, "budget_tokens"),
             priority=claims.get("priority", "normal") if claims.get("priority") in ("high", "low") else "normal",
         )
         return principal, float(claims["exp"])
+
+
+def _str_claim(claims: dict[str, Any], name: str) -> str | None:
+    """A claim that must be a string when present: anything else is the token's fault (401)."""
+    value = claims.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise unauthorized(f"JWT claim {name!r} must be a string.")
 
 
 def _int_claim(claims: dict[str, Any], name: str) -> int | None:

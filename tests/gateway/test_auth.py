@@ -160,6 +160,21 @@ def test_jwt_claims_carry_limits(backends, gateway_factory, tmp_path: Path) -> N
     assert statuses == [200, 200, 429]
 
 
+def test_jwt_claims_of_the_wrong_type_are_a_401_not_a_crash(backends, gateway_factory, tmp_path: Path) -> None:
+    a = backends("a")
+    secret = "hs256-shared-secret-of-enough-length!"
+    gw = gateway_factory(base_config(tmp_path, [{"name": "m", "backends": [{"url": a.url}]}],
+                                     jwt={"secret": secret, "audience": "lmserve"}))
+    base = {"sub": "svc", "aud": "lmserve", "exp": int(time.time()) + 300}
+    for bad in ({"tenant": {"id": 7}}, {"tenant": 7}, {"models": [{"name": "m"}]}, {"models": "m"}, {"sub": ["x"]}):
+        response = post(gw.url, jwt.encode({**base, **bad}, secret, algorithm="HS256"))
+        assert response.status_code == 401, (bad, response.text)
+        error = response.json()["error"]
+        assert error["type"] == "authentication_error" and ("claim" in error["message"] or "Subject" in
+                                                            error["message"]), (bad, error)
+    assert post(gw.url, jwt.encode({**base, "tenant": "t", "models": ["m"]}, secret, algorithm="HS256")).status_code == 200
+
+
 def test_default_limits_apply_to_keys_without_their_own(tmp_path: Path) -> None:
     import asyncio
 
