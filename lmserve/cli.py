@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from lmserve.bench.cli import bench_command
@@ -31,11 +33,13 @@ def _root(
     """lmserve: serve open large language models."""
 
 
-@app.command(
-    "serve",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,
-)
+# Commands that parse their own flags (generated from their settings, lmserve/settings.py): typer
+# hands them every argument as given, --help included.
+_OWN_FLAGS: dict[str, Any] = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
+                              "add_help_option": False}
+
+
+@app.command("serve", **_OWN_FLAGS)
 def serve(ctx: typer.Context) -> None:
     """Serve one model over an OpenAI-compatible HTTP API (lmserve serve --help for every flag)."""
     from lmserve.server.cli import serve_main
@@ -43,11 +47,7 @@ def serve(ctx: typer.Context) -> None:
     raise typer.Exit(serve_main(ctx.args))
 
 
-@app.command(
-    "up",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,
-)
+@app.command("up", **_OWN_FLAGS)
 def up(ctx: typer.Context) -> None:
     """Start a gateway in front of model servers on this machine; Ctrl-C stops them all (lmserve up --help)."""
     from lmserve.stack.cli import up_main
@@ -55,11 +55,7 @@ def up(ctx: typer.Context) -> None:
     raise typer.Exit(up_main(ctx.args))
 
 
-@app.command(
-    "gateway",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,
-)
+@app.command("gateway", **_OWN_FLAGS)
 def gateway(ctx: typer.Context) -> None:
     """Run the gateway in front of OpenAI-compatible backends (lmserve gateway --help for every flag)."""
     from lmserve.gateway.cli import gateway_main

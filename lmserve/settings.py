@@ -285,6 +285,14 @@ class SettingsParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def config_file_parser(prog: str, description: str, config_help: str, flags: list[Flag]) -> SettingsParser:
+    """The parser of a command configured by a YAML file (`--config/-c`) and one flag per setting."""
+    parser = SettingsParser(prog=prog, description=description)
+    parser.add_argument("--config", "-c", default=None, help=config_help)
+    add_flags(parser, flags)
+    return parser
+
+
 @dataclass(frozen=True)
 class Flag:
     """One `--kebab-case` flag for a setting."""

@@ -23,17 +23,14 @@ def build_gateway_parser() -> SettingsParser:
     """Flags generated from GatewayConfig's top-level settings (sections are set in the file or as
     LMSERVE_<SECTION>__<KEY>), the same names as `lmserve serve` has for the same settings."""
     from lmserve.gateway.config import GatewayConfig
-    from lmserve.settings import SettingsParser, add_flags, dataclass_flags
+    from lmserve.settings import config_file_parser, dataclass_flags
 
-    parser = SettingsParser(
-        prog="lmserve gateway",
-        description="Run the gateway in front of OpenAI-compatible backends. Every setting can also be set as "
+    return config_file_parser(
+        "lmserve gateway",
+        "Run the gateway in front of OpenAI-compatible backends. Every setting can also be set as "
         "LMSERVE_<NAME> (LMSERVE_<SECTION>__<NAME> inside a section) in the environment or in a --config YAML "
         "file (precedence: flags > environment > file > defaults).",
-    )
-    parser.add_argument("--config", "-c", default=None, help="Gateway YAML file.")
-    add_flags(parser, dataclass_flags(GatewayConfig, skip=("models",)))
-    return parser
+        "Gateway YAML file.", dataclass_flags(GatewayConfig, skip=("models",)))
 
 
 def gateway_main(argv: list[str]) -> int:

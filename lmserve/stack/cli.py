@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import sys
 
-from lmserve.settings import SettingsParser, add_flags, dataclass_flags
+from lmserve.settings import SettingsParser, config_file_parser, dataclass_flags
 from lmserve.stack.config import StackConfig, load_stack_config
 
 
 def build_up_parser() -> SettingsParser:
-    parser = SettingsParser(
-        prog="lmserve up",
-        description="Start a gateway in front of model servers on this machine; Ctrl-C stops them all. "
+    return config_file_parser(
+        "lmserve up",
+        "Start a gateway in front of model servers on this machine; Ctrl-C stops them all. "
         "Every flag can also be set as LMSERVE_<NAME> in the environment or in a --config stack YAML file "
         "(precedence: flags > environment > file > defaults).",
-    )
-    parser.add_argument("--config", "-c", default=None, help="Stack YAML (default: the built-in demo stack).")
-    add_flags(parser, dataclass_flags(StackConfig, skip=("models", "gateway")))
-    return parser
+        "Stack YAML (default: the built-in demo stack).", dataclass_flags(StackConfig, skip=("models", "gateway")))
 
 
 def up_main(argv: list[str]) -> int:
