@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmserve.gateway.auth import Principal
-from lmserve.gateway.ratelimit import LimitState
+from lmserve.gateway.ratelimit import LimitState, limit_reason
 
 
 @dataclass
@@ -51,20 +51,14 @@ class LocalCounts:
         now = self.clock()
         window = self._open(principal.id, now)
         used = self._budget_used.get(principal.id, 0)
-        reason = None
-        if principal.budget_tokens is not None and used >= principal.budget_tokens:
-            reason = "budget"
-        elif window is None:
-            return None
-        elif principal.rpm is not None and window.num_requests >= principal.rpm:
-            reason = "requests"
-        elif principal.tpm is not None and window.num_tokens >= principal.tpm:
-            reason = "tokens"
+        if window is None:  # no window open here: only the budget can refuse
+            if principal.budget_tokens is None or used < principal.budget_tokens:
+                return None
+            return LimitState("budget", now, 0, 0, used, now)
+        reason = limit_reason(principal, window.num_requests, window.num_tokens, used)
         if reason is None:
             return None
-        start = window.start if window is not None else now
-        nums = (window.num_requests, window.num_tokens) if window is not None else (0, 0)
-        return LimitState(reason, start, nums[0], nums[1], used, now)
+        return LimitState(reason, window.start, window.num_requests, window.num_tokens, used, now)
 
     def admit_alone(self, principal: Principal) -> LimitState:
         """Admits on local counts only (Redis unreachable); call after `refusal` returned None."""

@@ -49,6 +49,18 @@ def has_limits(principal: Principal) -> bool:
     return principal.rpm is not None or principal.tpm is not None or principal.budget_tokens is not None
 
 
+def limit_reason(principal: Principal, num_requests: int, num_tokens: int, budget_used: int) -> str | None:
+    """The limit that refuses a request at these counts (budget, then requests, then tokens), or None.
+    The Redis script (redis_ratelimit.py) decides in the same order."""
+    if principal.budget_tokens is not None and budget_used >= principal.budget_tokens:
+        return "budget"
+    if principal.rpm is not None and num_requests >= principal.rpm:
+        return "requests"
+    if principal.tpm is not None and num_tokens >= principal.tpm:
+        return "tokens"
+    return None
+
+
 def limit_headers(principal: Principal, state: LimitState, window: float) -> list[tuple[bytes, bytes]]:
     """OpenAI-style `x-ratelimit-*` headers (reset in seconds, e.g. `12.5s`)."""
     reset = b"%.1fs" % max(0.0, state.window_start + window - state.now)
@@ -102,14 +114,8 @@ class MemoryRateLimiter:
             window = [now, 0, 0]
             self._windows[pid] = window
         used = self._budgets.get(pid, 0)
-        reason = None
-        if principal.budget_tokens is not None and used >= principal.budget_tokens:
-            reason = "budget"
-        elif principal.rpm is not None and window[1] >= principal.rpm:
-            reason = "requests"
-        elif principal.tpm is not None and window[2] >= principal.tpm:
-            reason = "tokens"
-        else:
+        reason = limit_reason(principal, int(window[1]), int(window[2]), used)
+        if reason is None:
             window[1] += 1
         return LimitState(reason, window[0], int(window[1]), int(window[2]), used, now)
 
