@@ -334,7 +334,8 @@ def test_autoscaling_rule_reads_each_server_s_waiting_requests_under_load(stack:
         # What Prometheus read is what each server says (the streams keep the queues full).
         assert all(wait_for(f"{name} exports waiting requests", lambda ip=ip: exported(ip) >= 1, timeout=30)
                    for name, ip in servers.items())
-        assert sum(waiting.values()) <= len(streams) - 2 * MAX_NUM_SEQS, waiting  # never more than was sent
+        # No bound on the sum: each server is scraped at its own moment, so a stream that ended on one
+        # and restarted on the other between the two scrapes counts on both (seen: 5 of 8 streams).
     finally:
         stop.set()
         for thread in streams:
