@@ -328,9 +328,9 @@ def test_autoscaling_rule_reads_each_server_s_waiting_requests_under_load(stack:
     for thread in streams:
         thread.start()
     try:
-        waiting = wait_for("waiting requests on both servers, through the adapter rule",
-                           lambda: (lambda v: v if set(v) == set(servers) and min(v.values()) >= 1 else None)(
-                               per_server()), timeout=120)
+        wait_for("waiting requests on both servers, through the adapter rule",
+                 lambda: (lambda v: v if set(v) == set(servers) and min(v.values()) >= 1 else None)(
+                     per_server()), timeout=120)
         # What Prometheus read is what each server says (the streams keep the queues full).
         assert all(wait_for(f"{name} exports waiting requests", lambda ip=ip: exported(ip) >= 1, timeout=30)
                    for name, ip in servers.items())
