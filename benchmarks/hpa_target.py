@@ -1,7 +1,7 @@
 """Where TTFT starts to climb on one demo server, and the waiting-requests gauge there (issue 15).
 
     PYTHONPATH=. .venv/bin/python benchmarks/hpa_target.py --scale small   # a check that it works, ~5 min
-    PYTHONPATH=. .venv/bin/python benchmarks/hpa_target.py --scale full --write   # ~20-30 min on 2 cores
+    PYTHONPATH=. .venv/bin/python benchmarks/hpa_target.py --scale full --write   # ~15-30 min on 2 cores
 
 Starts `lmserve serve demo` on a free loopback port, warms it up, then runs `lmserve bench` (the
 project's load generator, as a user would) at increasing concurrency with one fixed workload per step.
@@ -11,9 +11,11 @@ it to the HPA as `lmserve_num_requests_waiting`, averaged over pods; its target 
 `models[].autoscaling.targetWaitingPerPod` in values.yaml).
 
 TTFT "starts to climb" at the first step whose TTFT p99 is above CLIMB_FACTOR times the lowest p99
-at a lower concurrency. The recommended HPA target is the mean waiting value at that step: an HPA aiming
-at it adds a pod when the average pod is as loaded as that. When waiting is still ~0 there, the gauge
-cannot tell that load apart from idle, and the report says so.
+at a lower concurrency. With the server's default max_num_seqs (256) every request runs at once, so
+the waiting gauge stays ~0 there and cannot tell that load from idle. So a second sweep runs a server
+capped at the last concurrency before the climb (`--max-num-seqs`): beyond it requests queue, and
+the waiting gauge rises exactly where TTFT does. The report recommends that cap (the chart's
+`models[].maxNumSeqs`) and an HPA target from the capped sweep (see `target_for`).
 """
 
 from __future__ import annotations
@@ -109,26 +111,31 @@ def _bench(url: str, concurrency: int, num_requests: int, scale: dict, seed: int
     return json.loads(out.read_text())
 
 
-def sweep(url: str, scale: dict, workdir: Path) -> list[Step]:
-    steps = []
+def sweep(url: str, scale: dict, steps: list[int], workdir: Path, tag: str) -> list[Step]:
+    """One step per concurrency in `steps`; stops one step after TTFT p99 climbs (the load beyond
+    it only confirms the climb and costs minutes)."""
+    done: list[Step] = []
     # Untimed: the first batches of each size pay one-off costs (kernel set-up per shape), which made
     # the lowest step look slowest in a first try.
-    top = max(scale["steps"])
-    _bench(url, top, 2 * top, scale, seed=1000, out=workdir / "warmup.json")
-    for concurrency in scale["steps"]:
+    top = max(steps)
+    _bench(url, top, 2 * top, scale, seed=1000, out=workdir / f"{tag}-warmup.json")
+    for concurrency in steps:
         num = max(scale["min_requests"], scale["per_stream"] * concurrency)
-        print(f"concurrency {concurrency}: {num} requests ...", flush=True)
+        print(f"[{tag}] concurrency {concurrency}: {num} requests ...", flush=True)
         sampler = Sampler(url)
         sampler.start()
         try:
-            summary = _bench(url, concurrency, num, scale, seed=concurrency, out=workdir / f"c{concurrency}.json")
+            summary = _bench(url, concurrency, num, scale, seed=concurrency, out=workdir / f"{tag}-c{concurrency}.json")
         finally:
             sampler.done.set()
             sampler.join()
         step = Step(concurrency, summary, sampler.waiting, sampler.running)
         print("  " + _row(step), flush=True)
-        steps.append(step)
-    return steps
+        done.append(step)
+        found = knee(done)
+        if found is not None and found[0] is not step:
+            break
+    return done
 
 
 def _row(step: Step) -> str:
@@ -138,10 +145,11 @@ def _row(step: Step) -> str:
             f"| {step.mean(step.waiting):.2f} | {max(step.waiting, default=0):.0f} | {step.mean(step.running):.2f} |")
 
 
-def chart_target() -> float:
-    """The chart's default `models[0].autoscaling.targetWaitingPerPod`."""
-    values = yaml.safe_load(CHART_VALUES.read_text())
-    return float(values["models"][0]["autoscaling"]["targetWaitingPerPod"])
+def chart_defaults() -> tuple[int | None, float]:
+    """The chart's default `models[0]` maxNumSeqs (None: the server's own default) and
+    autoscaling.targetWaitingPerPod."""
+    model = yaml.safe_load(CHART_VALUES.read_text())["models"][0]
+    return model.get("maxNumSeqs"), float(model["autoscaling"]["targetWaitingPerPod"])
 
 
 def knee(steps: list[Step]) -> tuple[Step, float] | None:
@@ -154,31 +162,81 @@ def knee(steps: list[Step]) -> tuple[Step, float] | None:
     return None
 
 
-def report(steps: list[Step]) -> str:
-    lines = ["| concurrency | ok | TTFT p50 (ms) | TTFT p99 (ms) | req/s | output tok/s | waiting mean "
-             "| waiting max | running mean |", "|---|---|---|---|---|---|---|---|---|",
-             *(_row(s) for s in steps), ""]
+def table(steps: list[Step]) -> list[str]:
+    return ["| concurrency | ok | TTFT p50 (ms) | TTFT p99 (ms) | req/s | output tok/s | waiting mean "
+            "| waiting max | running mean |", "|---|---|---|---|---|---|---|---|---|",
+            *(_row(s) for s in steps), ""]
+
+
+def cap_for(steps: list[Step]) -> tuple[Step, int] | None:
+    """The knee of an uncapped sweep and the max_num_seqs that puts the queue there: the last
+    concurrency before TTFT p99 climbed."""
     found = knee(steps)
+    if found is None:
+        return None
+    climb = found[0]
+    before = [s.concurrency for s in steps if s.concurrency < climb.concurrency]
+    return climb, max(before)
+
+
+def target_for(capped: list[Step], climb_concurrency: int) -> float:
+    """The HPA target from the capped sweep: half the mean waiting at the concurrency where TTFT
+    climbed, at least 1. TTFT starts to rise somewhere between the last flat step (waiting ~0 under
+    the cap) and that step; half of its queue puts the scale-out between the two."""
+    at = next(s for s in capped if s.concurrency == climb_concurrency)
+    return float(max(1, round(at.mean(at.waiting) / 2)))
+
+
+def report(uncapped: list[Step], capped: list[Step] | None) -> str:
+    lines = ["Uncapped (the server's default max_num_seqs 256):", "", *table(uncapped)]
+    found = cap_for(uncapped)
     if found is None:
         lines.append(f"TTFT p99 never exceeded {CLIMB_FACTOR:g}x its lowest value at a lower concurrency: "
                      "no knee in this range; no target recommended.")
         return "\n".join(lines)
-    climb, base = found
-    waiting = climb.mean(climb.waiting)
-    chart = chart_target()
+    climb, cap = found
+    base = min(s.ttft_p99 for s in uncapped if s.concurrency < climb.concurrency)
     lines.append(f"TTFT p99 climbs at concurrency {climb.concurrency}: {climb.ttft_p99 * 1000:.0f} ms > "
                  f"{CLIMB_FACTOR:g} x {base * 1000:.0f} ms (the lowest p99 at a lower concurrency). "
-                 f"Mean waiting there: {waiting:.2f} (max {max(climb.waiting, default=0):.0f}).")
-    if waiting < 0.5:
-        lines.append(f"Recommended target: none from `{METRIC}` (it is ~0 where TTFT climbs: the server runs "
-                     "every request at once and TTFT grows with the batch, not the queue). The chart's "
-                     f"{chart:g} waiting per pod scales out only beyond this load.")
-    else:
-        target = max(1, round(waiting))
-        verdict = "matches" if abs(target - chart) <= 1 else "differs from"
-        lines.append(f"Recommended target: {target} waiting per pod; this {verdict} the chart's default "
-                     f"targetWaitingPerPod {chart:g}.")
+                 f"Mean waiting there: {climb.mean(climb.waiting):.2f}: the server runs every request at "
+                 "once, so TTFT grows with the batch while the queue stays empty.")
+    if not capped:
+        return "\n".join(lines)
+    lines += ["", f"Capped at `--max-num-seqs {cap}` (the last concurrency before the climb):", "",
+              *table(capped)]
+    target = target_for(capped, climb.concurrency)
+    chart_cap, chart_target = chart_defaults()
+    verdict = ("matches" if chart_cap == cap and chart_target == target else
+               f"differs from (maxNumSeqs {chart_cap}, targetWaitingPerPod {chart_target:g})")
+    lines.append(f"Recommended for this model on this machine: `maxNumSeqs: {cap}` and `targetWaitingPerPod: "
+                 f"{target:g}`; this {verdict} the chart's defaults. Under the cap the waiting gauge "
+                 f"rises with the load beyond concurrency {cap}, where TTFT climbs, so an HPA on it "
+                 "scales out there instead of after the queue is long.")
     return "\n".join(lines)
+
+
+def measure(scale: dict, serve_args: list[str], steps: list[int], workdir: Path, tag: str) -> list[Step]:
+    """Starts one `lmserve serve demo` with `serve_args`, sweeps it, stops it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = workdir / f"{tag}-serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lmserve.cli", "serve", "demo", "--host", "127.0.0.1",
+                                 "--port", str(port), "--log-level", "warning", *serve_args],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
+    try:
+        wait_http(url + "/ready", timeout=900, proc=proc)
+        deadline = time.monotonic() + 300
+        while httpx.get(url + "/ready", timeout=5).status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server never became ready")
+            time.sleep(0.5)
+        return sweep(url, scale, steps, workdir, tag)
+    except BaseException:
+        print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
+        raise
+    finally:
+        stop_group(proc, timeout=60)
 
 
 def main() -> None:
@@ -189,31 +247,21 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="Write the hpa_target section of RESULTS.md.")
     args = parser.parse_args()
     scale = SCALES[args.scale]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="lmserve-hpa-") as tmp:
         workdir = Path(tmp)
-        with open(workdir / "serve.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "lmserve.cli", "serve", "demo", "--host", "127.0.0.1",
-                                     "--port", str(port), "--log-level", "warning", *args.serve_arg],
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
-        try:
-            wait_http(url + "/ready", timeout=900, proc=proc)
-            deadline = time.monotonic() + 300
-            while httpx.get(url + "/ready", timeout=5).status_code != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the server never became ready")
-                time.sleep(0.5)
-            steps = sweep(url, scale, workdir)
-        except BaseException:
-            print((workdir / "serve.log").read_text(errors="replace")[-3000:], file=sys.stderr)
-            raise
-        finally:
-            stop_group(proc, timeout=60)
+        uncapped = measure(scale, args.serve_arg, scale["steps"], workdir, "uncapped")
+        found = cap_for(uncapped)
+        capped = None
+        if found is not None:
+            climb, cap = found
+            steps = [c for c in scale["steps"] if c >= cap]
+            steps = steps[:steps.index(climb.concurrency) + 2]
+            capped = measure(scale, [*args.serve_arg, "--max-num-seqs", str(cap)], steps, workdir, "capped")
     command = "PYTHONPATH=. .venv/bin/python benchmarks/hpa_target.py " + " ".join(sys.argv[1:])
-    body = "\n".join([f"`{command}`", "", f"scale `{args.scale}`: one `lmserve serve demo`, `lmserve bench` "
+    body = "\n".join([f"`{command}`", "", f"scale `{args.scale}`: `lmserve serve demo`, `lmserve bench` "
                       f"with input {scale['input_len']} / output {scale['output_len']} tokens per step; "
-                      f"`{METRIC}` sampled every 0.25 s.", "", report(steps)])
+                      f"`{METRIC}` sampled every 0.25 s. A sweep stops one step after TTFT p99 climbs.", "",
+                      report(uncapped, capped)])
     print("\n" + body)
     if args.write:
         write_section("hpa_target", "## HPA target: where TTFT climbs (issue 15)\n\n" + body)

@@ -108,6 +108,10 @@ def test_model_servers_probe_health_and_ready_and_drain(values_file: str) -> Non
         assert args[args.index("--port") + 1] == str(model["port"])
         assert args[args.index("--served-model-name") + 1] == model["name"]
         assert args[args.index("--host") + 1] == "0.0.0.0"
+        # The batch size is given once; the autoscaler's waiting target is relative to it.
+        assert args.count("--max-num-seqs") == (1 if model.get("maxNumSeqs") or "--max-num-seqs" in model["args"] else 0)
+        if model.get("maxNumSeqs"):
+            assert args[args.index("--max-num-seqs") + 1] == str(model["maxNumSeqs"])
         assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
         assert container["startupProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
         assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
@@ -245,12 +249,27 @@ def test_in_chart_datastores_wire_the_gateway() -> None:
     assert {s["metadata"]["name"] for s in by_kind(docs, "Service")} >= {"lmserve-postgresql", "lmserve-redis"}
 
 
+def test_default_batch_size_and_waiting_target_are_the_measured_ones() -> None:
+    """values.yaml's demo model scales out where benchmarks/hpa_target.py saw TTFT climb: its
+    recommendation, written to RESULTS.md, is what the chart ships."""
+    results = (Path(__file__).resolve().parents[2] / "benchmarks" / "RESULTS.md").read_text()
+    section = results.split("<!-- BEGIN hpa_target -->", 1)[1].split("<!-- END hpa_target -->", 1)[0]
+    found = re.search(r"`maxNumSeqs: (\d+)` and `targetWaitingPerPod: ([\d.]+)`", section)
+    assert found, "RESULTS.md has no hpa_target recommendation"
+    (model,) = values("values.yaml")["models"]
+    assert model["model"] == "demo"
+    assert model["maxNumSeqs"] == int(found.group(1))
+    assert model["autoscaling"]["targetWaitingPerPod"] == float(found.group(2))
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"gateway": {"replicas": 2, "adminKey": "k"}}, "shared key database"),
     ({"gateway": {"adminKey": ""}}, "gateway.adminKey is required"),
     ({"gateway": {"adminKey": "k", "backendDiscovery": "consul"}}, "backendDiscovery"),
     ({"gateway": {"adminKey": "k"}, "models": [{"name": "m", "model": "demo", "port": 8000,
                                                  "autoscaling": {"mode": "sometimes"}}]}, "mode"),
+    ({"gateway": {"adminKey": "k"}, "models": [{**values("values.yaml")["models"][0], "maxNumSeqs": 8,
+                                                 "args": ["--max-num-seqs", "8"]}]}, "batch size once"),
 ])
 def test_bad_values_are_refused_with_a_message(bad: dict, message: str) -> None:
     with pytest.raises(Exception, match=message):
