@@ -161,7 +161,7 @@ class Gateway:
         except GatewayError as error:
             await send_error(send, error)
             return
-        await send_bytes(send, 200, models_listing(self.router, principal))
+        await send_bytes(send, 200, models_listing(self.router, principal, self.handler.ensembles))
 
     async def _ready(self, send: Send) -> None:
         if self.is_draining:

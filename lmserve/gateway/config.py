@@ -105,6 +105,31 @@ class ModelConfig:
             raise ValueError(f"load_factor must be >= 1.0, got {self.load_factor}")
 
 
+ENSEMBLE_RULES = ("first", "logprob")
+
+
+@dataclass
+class EnsembleConfig:
+    """A model name that fans each request out to several models and answers with one of them."""
+
+    name: str
+    """The `model` value clients send; must not be a model, alias or canary name."""
+    members: list[str] = field(default_factory=list)
+    """Two or more configured models (or aliases); each gets the whole request."""
+    rule: str = "first"
+    """first: the first complete answer wins and the others are cancelled at once (hedging);
+    logprob: every member answers and the highest mean token log-probability wins."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("every ensemble needs a non-empty name")
+        if self.rule not in ENSEMBLE_RULES:
+            raise ValueError(f"ensemble {self.name!r}: rule must be one of {ENSEMBLE_RULES}, got {self.rule!r}")
+        if len(set(self.members)) < 2 or len(set(self.members)) != len(self.members):
+            raise ValueError(f"ensemble {self.name!r}: members must name two or more different models, "
+                             f"got {self.members!r}")
+
+
 @dataclass
 class TimeoutsConfig:
     """Upstream timeouts in seconds."""
@@ -292,6 +317,8 @@ class GatewayConfig:
     models: list[ModelConfig] = field(default_factory=list)
     canaries: dict[str, dict[str, float]] = field(default_factory=dict)
     """Virtual model -> {real model: weight}: splits traffic between two model versions."""
+    ensembles: list[EnsembleConfig] = field(default_factory=list)
+    """Model names answered by several models at once (see the entries' keys)."""
     host: str = "127.0.0.1"
     """Address to listen on (0.0.0.0 for every interface)."""
     port: int = 8080
@@ -348,6 +375,7 @@ class GatewayConfig:
                 if target not in names:
                     raise ValueError(f"canary {virtual!r}: {target!r} is not a configured model")
                 _positive(f"canary weight of {target!r}", weight)
+        self._check_ensembles(names)
         if bool(self.tls_certfile) != bool(self.tls_keyfile):
             raise ValueError("tls_certfile and tls_keyfile go together")
         if not 0 < self.port < 65536:
@@ -357,6 +385,19 @@ class GatewayConfig:
         _positive("key_cache_ttl", self.key_cache_ttl, allow_zero=True)
         _positive("ledger_flush_interval", self.ledger_flush_interval)
         _positive("metrics_max_keys", self.metrics_max_keys, allow_zero=True)
+
+
+    def _check_ensembles(self, names: set[str]) -> None:
+        self.ensembles = [e if isinstance(e, EnsembleConfig) else _build(EnsembleConfig, dict(e), "ensemble")
+                          for e in self.ensembles]
+        taken = names | set(self.canaries)
+        for ensemble in self.ensembles:
+            if ensemble.name in taken:
+                raise ValueError(f"ensemble {ensemble.name!r} clashes with a model, alias, canary or ensemble name")
+            taken.add(ensemble.name)
+            for member in ensemble.members:
+                if member not in names:
+                    raise ValueError(f"ensemble {ensemble.name!r}: member {member!r} is not a configured model")
 
 
 _NESTED = {

@@ -27,7 +27,8 @@ from lmserve.gateway.asgi import (
 )
 from lmserve.gateway.auth import Authenticator, KeyRefused, Principal
 from lmserve.gateway.cache import ResponseCache, cache_key, is_cacheable, is_complete_answer
-from lmserve.gateway.config import GatewayConfig
+from lmserve.gateway.config import EnsembleConfig, GatewayConfig
+from lmserve.gateway.ensemble import Ensembles, check_request
 from lmserve.gateway.errors import GatewayError, forbidden, not_found
 from lmserve.gateway.identity import (
     CLIENT_IDENTITY_FIELDS,
@@ -154,6 +155,7 @@ class ProxyHandler:
         self.tracer = tracer
         self._background: set[asyncio.Task[None]] = set()
         self._watchdog = _Watchdog()
+        self.ensembles = Ensembles(config.ensembles, router, forwarder, self.on_complete, metrics)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.monotonic()
@@ -199,10 +201,15 @@ class ProxyHandler:
             body, raw = strip_client_identity(body, raw)
         model = validate(path, body, self.limits)
         pool = self.router.resolve(model)
+        ensemble: EnsembleConfig | None = None
+        if pool is None and (ensemble := self.ensembles.by_name.get(model)) is not None:
+            check_request(ensemble, path, body)
+            pool = self.router.resolve(ensemble.members[0])
         if pool is None:
             raise not_found(f"The model `{model}` does not exist.", "model_not_found", "model")
-        result.model = pool.name
-        if not (principal.may_use(model) or principal.may_use(pool.name)):
+        result.model = pool.name if ensemble is None else ensemble.name
+        # An ensemble's members are how it is served: the key needs the ensemble's name itself.
+        if not (principal.may_use(model) or (ensemble is None and principal.may_use(pool.name))):
             self.metrics.record_key_rejection(principal, "model_not_allowed")
             raise forbidden(f"This key may not use the model `{model}`.")
         extra: list[tuple[bytes, bytes]] = [(b"x-request-id", request_id)]
@@ -223,7 +230,7 @@ class ProxyHandler:
             affinity = session.decode("latin-1") if session else prompt_text(body, pool.config.prefix_chars)
         priority = _priority(headers.get(b"x-priority"), principal)
         req = ProxyRequest(request_id, path, raw, body, principal, pool, is_stream, wants_usage, affinity, extra,
-                           priority=priority, is_idempotent=route.is_idempotent,
+                           priority=priority, is_idempotent=route.is_idempotent, ensemble=ensemble,
                            upstream_headers=[(TENANT_HEADER, principal.tenant_header),
                                              _PRIORITY_HEADERS[priority]])
         if span is not None:
@@ -231,6 +238,9 @@ class ProxyHandler:
         return req
 
     async def _serve(self, req: ProxyRequest, receive: Receive, send: Send, result: ProxyResult) -> None:
+        if req.ensemble is not None:  # each member takes its own model's slot
+            await self._guarded(self.ensembles.serve(req, req.ensemble, send, result), receive, result)
+            return
         if not self.router.acquire_slot(req.pool, req.priority):
             self.metrics.shed.labels(req.pool.name, req.priority).inc()
             self.metrics.record_key_rejection(req.principal, "shed")
@@ -366,7 +376,7 @@ class ProxyHandler:
             span.end()
 
 
-def models_listing(router: Router, principal: Principal) -> bytes:
-    names = sorted(set(router.names) | set(router.canaries))
+def models_listing(router: Router, principal: Principal, ensembles: Ensembles) -> bytes:
+    names = sorted(set(router.names) | set(router.canaries) | set(ensembles.by_name))
     data = [{"id": n, "object": "model", "created": 0, "owned_by": "lmserve"} for n in names if principal.may_use(n)]
     return orjson.dumps({"object": "list", "data": data})

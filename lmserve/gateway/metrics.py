@@ -235,6 +235,9 @@ class GatewayMetrics:
                                            "Failed calls to shared state (Redis); the gateway failed open.",
                                            ["component"], registry=r)
         self.cache = Counter("lmserve_gateway_cache", "Response cache lookups.", ["result"], registry=r)
+        self.ensemble_members = Counter("lmserve_gateway_ensemble_members",
+                                        "Ensemble members by outcome: won, answered (and lost), failed, cancelled.",
+                                        ["ensemble", "model", "outcome"], registry=r)
         self.tls_cert_expiry = Gauge("lmserve_gateway_tls_cert_expiry_timestamp_seconds",
                                      "Unix time the served TLS certificate expires (only when terminating TLS).",
                                      ["certfile"], registry=r)

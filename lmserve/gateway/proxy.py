@@ -36,7 +36,7 @@ import orjson
 
 from lmserve.gateway.auth import Principal
 from lmserve.gateway.backends import Backend, ModelPool
-from lmserve.gateway.config import GatewayConfig
+from lmserve.gateway.config import EnsembleConfig, GatewayConfig
 from lmserve.gateway.errors import GatewayError, sse_error_event, unavailable
 from lmserve.gateway.metrics import GatewayMetrics
 from lmserve.gateway.redact import Redactor
@@ -71,6 +71,8 @@ class ProxyRequest:
     """Set when the response may be cached."""
     is_idempotent: bool = False
     """The route may be sent again after a backend accepted it and timed out (routes.py)."""
+    ensemble: EnsembleConfig | None = None
+    """Set when the model asked for is an ensemble (ensemble.py); `pool` is then its first member's."""
 
 
 @dataclass(slots=True)
