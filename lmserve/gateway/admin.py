@@ -11,6 +11,8 @@
   POST   /admin/backends/undrain      {model, url}: a drained backend takes new requests again
   POST   /admin/backends/remove       {model, url} (also DELETE /admin/backends with that body)
   GET    /admin/health                backend health, readiness and breaker states
+  GET    /admin/models                on-demand models (launch): state, pinned, in flight
+  POST   /admin/models/{name}/{action}  load (waits until ready), unload, pin, unpin
 """
 
 from __future__ import annotations
@@ -26,16 +28,19 @@ from lmserve.gateway.auth import Authenticator
 from lmserve.gateway.config import BackendConfig
 from lmserve.gateway.errors import GatewayError, bad_request, not_found, unauthorized
 from lmserve.gateway.keystore import KeyStore
+from lmserve.gateway.launcher import Launcher
 from lmserve.gateway.router import Router
 from lmserve.gateway.validation import body_too_large, parse_json
 
 
 class AdminAPI:
-    def __init__(self, admin_key: str | None, store: KeyStore, auth: Authenticator, router: Router) -> None:
+    def __init__(self, admin_key: str | None, store: KeyStore, auth: Authenticator, router: Router,
+                 launcher: Launcher) -> None:
         self.admin_key = admin_key.encode() if admin_key else None
         self.store = store
         self.auth = auth
         self.router = router
+        self.launcher = launcher
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         try:
@@ -75,6 +80,14 @@ class AdminAPI:
             return 200, self._backends()
         if parts == ["health"] and method == "GET":
             return 200, self._backends()
+        if parts == ["models"] and method == "GET":
+            return 200, {"models": self.launcher.states()}
+        if len(parts) == 3 and parts[0] == "models" and method == "POST":
+            if parts[1] not in self.launcher.models:
+                raise not_found(f"No on-demand model `{parts[1]}` (only models with `launch` load and unload).")
+            if parts[2] not in ("load", "unload", "pin", "unpin"):
+                raise bad_request(f"Unknown action `{parts[2]}`: load, unload, pin or unpin.")
+            return 200, await self.launcher.admin(parts[1], parts[2])
         if parts[:1] == ["backends"] and method in ("POST", "DELETE"):
             return self._change_backend(parts[1:], method, body)
         raise not_found(f"No admin route {method} {path}.")

@@ -24,6 +24,7 @@ from lmserve.gateway.errors import GatewayError, not_found
 from lmserve.gateway.handler import ProxyHandler, models_listing
 from lmserve.gateway.health import HealthChecker
 from lmserve.gateway.keystore import KeyStore
+from lmserve.gateway.launcher import Launcher
 from lmserve.gateway.ledger import UsageLedger
 from lmserve.gateway.metrics import GatewayMetrics
 from lmserve.gateway.proxy import Forwarder
@@ -58,6 +59,7 @@ class Gateway:
         self.discovery = BackendDiscovery(self.router, config.health, resolver or SystemResolver())
         self.health = HealthChecker(self.upstream, config.health, self.router.all_backends)
         self.handler: ProxyHandler | None = None
+        self.launcher = Launcher(config, self.router, self.upstream, self.metrics)
         self.admin: AdminAPI | None = None
         self.ledger: UsageLedger | None = None
         self.limiter: RateLimiter | None = None
@@ -92,8 +94,9 @@ class Gateway:
         self.ledger = UsageLedger(store, config.ledger_flush_interval)
         forwarder = Forwarder(config, self.router, self.upstream, self.redactor, self._on_complete, self.metrics)
         self.handler = ProxyHandler(config, self.router, forwarder, auth, self.limiter, self.cache, self.ledger,
-                                    self.metrics, self.tracer)
-        self.admin = AdminAPI(config.admin_key, store, auth, self.router)
+                                    self.metrics, self.tracer, self.launcher)
+        self.admin = AdminAPI(config.admin_key, store, auth, self.router, self.launcher)
+        self.launcher.start()
         self.ledger.start()
         await self.discovery.start()
         self.health.start()
@@ -107,6 +110,7 @@ class Gateway:
             await self.handler.on_complete(req, result, data)
 
     async def shutdown(self) -> None:
+        await self.launcher.close()
         await self.discovery.close()
         await self.health.close()
         if self.ledger is not None:
@@ -161,14 +165,15 @@ class Gateway:
         except GatewayError as error:
             await send_error(send, error)
             return
-        await send_bytes(send, 200, models_listing(self.router, principal, self.handler.ensembles))
+        await send_bytes(send, 200, models_listing(self.router, principal, self.handler.ensembles, self.launcher))
 
     async def _ready(self, send: Send) -> None:
         if self.is_draining:
             await send_json(send, 503, {"status": "draining"})
             return
         available = {pool.name: len(pool.available()) for pool in self.router.pools.values()}
-        is_ready = self.handler is not None and (not available or any(available.values()))
+        # A model the gateway loads on demand can take requests while unloaded: they wait for it.
+        is_ready = self.handler is not None and (not available or any(available.values()) or bool(self.launcher.models))
         await send_json(send, 200 if is_ready else 503,
                         {"status": "ready" if is_ready else "no available backend", "models": available})
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from lmserve.gateway.model_modes import EnsembleConfig, LaunchConfig
 from lmserve.gateway.redact import compile_patterns
 from lmserve.settings import SettingsSpec, check_log_level, layered, spec_from_dataclass
 
@@ -92,6 +93,9 @@ class ModelConfig:
     """prefix_affinity: characters of the prompt hashed when no `X-Session-ID` is sent."""
     load_factor: float = 1.25
     """prefix_affinity: a backend takes at most this times the mean in-flight load (bounded load)."""
+    launch: LaunchConfig | None = None
+    """Load on demand: the gateway starts this model's server at its first request and stops it
+    when idle or to make room (no `backends` then)."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -103,31 +107,10 @@ class ModelConfig:
         _positive("prefix_chars", self.prefix_chars)
         if self.load_factor < 1.0:
             raise ValueError(f"load_factor must be >= 1.0, got {self.load_factor}")
-
-
-ENSEMBLE_RULES = ("first", "logprob")
-
-
-@dataclass
-class EnsembleConfig:
-    """A model name that fans each request out to several models and answers with one of them."""
-
-    name: str
-    """The `model` value clients send; must not be a model, alias or canary name."""
-    members: list[str] = field(default_factory=list)
-    """Two or more configured models (or aliases); each gets the whole request."""
-    rule: str = "first"
-    """first: the first complete answer wins and the others are cancelled at once (hedging);
-    logprob: every member answers and the highest mean token log-probability wins."""
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("every ensemble needs a non-empty name")
-        if self.rule not in ENSEMBLE_RULES:
-            raise ValueError(f"ensemble {self.name!r}: rule must be one of {ENSEMBLE_RULES}, got {self.rule!r}")
-        if len(set(self.members)) < 2 or len(set(self.members)) != len(self.members):
-            raise ValueError(f"ensemble {self.name!r}: members must name two or more different models, "
-                             f"got {self.members!r}")
+        if isinstance(self.launch, dict):
+            self.launch = _build(LaunchConfig, dict(self.launch), f"model {self.name!r}: launch")
+        if self.launch is not None and self.backends:
+            raise ValueError(f"model {self.name!r}: a model with `launch` has no `backends` (the gateway starts its server)")
 
 
 @dataclass
@@ -319,6 +302,9 @@ class GatewayConfig:
     """Virtual model -> {real model: weight}: splits traffic between two model versions."""
     ensembles: list[EnsembleConfig] = field(default_factory=list)
     """Model names answered by several models at once (see the entries' keys)."""
+    launch_memory_budget: float | None = None
+    """GiB that models with `launch` may take at once (their `launch.memory` summed); the least recently
+    used idle ones are stopped to make room. None: no limit."""
     host: str = "127.0.0.1"
     """Address to listen on (0.0.0.0 for every interface)."""
     port: int = 8080
@@ -385,6 +371,11 @@ class GatewayConfig:
         _positive("key_cache_ttl", self.key_cache_ttl, allow_zero=True)
         _positive("ledger_flush_interval", self.ledger_flush_interval)
         _positive("metrics_max_keys", self.metrics_max_keys, allow_zero=True)
+        _positive("launch_memory_budget", self.launch_memory_budget)
+        for model in self.models:
+            if model.launch and self.launch_memory_budget is not None and model.launch.memory > self.launch_memory_budget:
+                raise ValueError(f"model {model.name!r}: launch.memory {model.launch.memory} is over "
+                                 f"launch_memory_budget {self.launch_memory_budget}: it could never load")
 
 
     def _check_ensembles(self, names: set[str]) -> None:

@@ -31,10 +31,10 @@ from typing import Any, NoReturn
 import orjson
 
 from lmserve.gateway.asgi import send_bytes
-from lmserve.gateway.config import EnsembleConfig
 from lmserve.gateway.errors import GatewayError, bad_request
 from lmserve.gateway.metrics import GatewayMetrics
-from lmserve.gateway.proxy import Forwarder, PassThrough, ProxyRequest, ProxyResult, Send
+from lmserve.gateway.model_modes import EnsembleConfig
+from lmserve.gateway.proxy import PassThrough, ProxyRequest, ProxyResult, Send
 from lmserve.gateway.router import Router
 from lmserve.gateway.routes import CHAT_COMPLETIONS, COMPLETIONS
 from lmserve.gateway.sse import DONE, EventSplitter, event_payload
@@ -135,12 +135,14 @@ class _Member:
 class Ensembles:
     """Serves requests whose model is an ensemble; see the module docstring."""
 
-    def __init__(self, ensembles: list[EnsembleConfig], router: Router, forwarder: Forwarder,
+    def __init__(self, ensembles: list[EnsembleConfig], router: Router,
+                 forward: Callable[[ProxyRequest, Send, ProxyResult], Awaitable[None]],
                  on_complete: Callable[[ProxyRequest, ProxyResult, bytes | None], Awaitable[None]],
                  metrics: GatewayMetrics) -> None:
         self.by_name = {e.name: e for e in ensembles}
         self.router = router
-        self.forwarder = forwarder
+        self.forward = forward
+        """The handler's forwarding (a model loaded on demand is held until loaded)."""
         self.on_complete = on_complete
         self.metrics = metrics
 
@@ -194,7 +196,7 @@ class Ensembles:
             member.outcome = "failed"
             return
         try:
-            await self.forwarder.forward(req, member.answer.send, member.result)
+            await self.forward(req, member.answer.send, member.result)
             member.outcome = "answered" if member.answer.status == 200 and member.answer.finish_reason else "failed"
         except GatewayError as error:
             member.error, member.outcome = error, "failed"

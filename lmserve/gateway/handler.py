@@ -27,7 +27,7 @@ from lmserve.gateway.asgi import (
 )
 from lmserve.gateway.auth import Authenticator, KeyRefused, Principal
 from lmserve.gateway.cache import ResponseCache, cache_key, is_cacheable, is_complete_answer
-from lmserve.gateway.config import EnsembleConfig, GatewayConfig
+from lmserve.gateway.config import GatewayConfig
 from lmserve.gateway.ensemble import Ensembles, check_request
 from lmserve.gateway.errors import GatewayError, forbidden, not_found
 from lmserve.gateway.identity import (
@@ -36,8 +36,10 @@ from lmserve.gateway.identity import (
     TENANT_HEADER,
     strip_client_identity,
 )
+from lmserve.gateway.launcher import Launcher
 from lmserve.gateway.ledger import UsageLedger
 from lmserve.gateway.metrics import GatewayMetrics
+from lmserve.gateway.model_modes import EnsembleConfig
 from lmserve.gateway.proxy import Forwarder, PassThrough, ProxyRequest, ProxyResult, response_headers
 from lmserve.gateway.ratelimit import RateLimiter, has_limits, limit_headers, refusal
 from lmserve.gateway.router import Router
@@ -142,7 +144,7 @@ def _priority(requested: bytes | None, principal: Principal) -> str:
 class ProxyHandler:
     def __init__(self, config: GatewayConfig, router: Router, forwarder: Forwarder, auth: Authenticator,
                  limiter: RateLimiter, cache: ResponseCache | None, ledger: UsageLedger,
-                 metrics: GatewayMetrics, tracer: Tracer | None) -> None:
+                 metrics: GatewayMetrics, tracer: Tracer | None, launcher: Launcher) -> None:
         self.config = config
         self.limits = config.limits
         self.router = router
@@ -155,7 +157,8 @@ class ProxyHandler:
         self.tracer = tracer
         self._background: set[asyncio.Task[None]] = set()
         self._watchdog = _Watchdog()
-        self.ensembles = Ensembles(config.ensembles, router, forwarder, self.on_complete, metrics)
+        self.launcher = launcher
+        self.ensembles = Ensembles(config.ensembles, router, self._forward, self.on_complete, metrics)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.monotonic()
@@ -256,7 +259,9 @@ class ProxyHandler:
                 if await self._serve_cached(req, send, result, fresh_only=True):
                     return
             try:
-                await self._guarded(self.forwarder.forward(req, send, result), receive, result)
+                work = self.forwarder.forward(req, send, result) if req.pool.config.launch is None else \
+                    self._forward_launched(req, send, result)
+                await self._guarded(work, receive, result)
             except GatewayError:
                 if req.cache_key is None or result.is_started or not self.config.cache.serve_stale:
                     raise
@@ -265,6 +270,17 @@ class ProxyHandler:
         finally:
             in_flight.add(pool_key, -1)
             self.router.release_slot(req.pool)
+
+    async def _forward_launched(self, req: ProxyRequest, send: Send, result: ProxyResult) -> None:
+        """A model loaded on demand: held until loaded, kept loaded until its answer ends."""
+        async with self.launcher.lease(req.pool.name):
+            await self.forwarder.forward(req, send, result)
+
+    async def _forward(self, req: ProxyRequest, send: Send, result: ProxyResult) -> None:
+        if req.pool.config.launch is None:
+            await self.forwarder.forward(req, send, result)
+        else:
+            await self._forward_launched(req, send, result)
 
     async def _guarded(self, work: Any, receive: Receive, result: ProxyResult) -> None:
         """Runs `work`; cancels it when the client disconnects or the total timeout passes."""
@@ -376,7 +392,14 @@ class ProxyHandler:
             span.end()
 
 
-def models_listing(router: Router, principal: Principal, ensembles: Ensembles) -> bytes:
+def models_listing(router: Router, principal: Principal, ensembles: Ensembles, launcher: Launcher) -> bytes:
+    """Every name a client may send; a model loaded on demand also says whether it is loaded
+    (`lmserve_state`: unloaded, loading, loaded or unloading)."""
     names = sorted(set(router.names) | set(router.canaries) | set(ensembles.by_name))
-    data = [{"id": n, "object": "model", "created": 0, "owned_by": "lmserve"} for n in names if principal.may_use(n)]
+    data: list[dict[str, Any]] = [{"id": n, "object": "model", "created": 0, "owned_by": "lmserve"}
+                                  for n in names if principal.may_use(n)]
+    for entry in data:
+        launched = launcher.models.get(router.names.get(entry["id"], ""))
+        if launched is not None:
+            entry["lmserve_state"] = launched.state
     return orjson.dumps({"object": "list", "data": data})

@@ -16,7 +16,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -235,6 +235,16 @@ class GatewayMetrics:
                                            "Failed calls to shared state (Redis); the gateway failed open.",
                                            ["component"], registry=r)
         self.cache = Counter("lmserve_gateway_cache", "Response cache lookups.", ["result"], registry=r)
+        self.model_loads = Counter("lmserve_gateway_model_loads", "Models loaded on demand (launch).", ["model"],
+                                   registry=r)
+        self.model_load_seconds = Histogram("lmserve_gateway_model_load_seconds",
+                                            "Seconds from starting an on-demand model's server to its readiness.",
+                                            ["model"], buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600), registry=r)
+        self.model_unloads = Counter("lmserve_gateway_model_unloads",
+                                     "On-demand models stopped, by reason: idle, budget (evicted), admin, died.",
+                                     ["model", "reason"], registry=r)
+        self.model_loaded = Gauge("lmserve_gateway_model_loaded", "1 while an on-demand model is loaded.", ["model"],
+                                  registry=r)
         self.ensemble_members = Counter("lmserve_gateway_ensemble_members",
                                         "Ensemble members by outcome: won, answered (and lost), failed, cancelled.",
                                         ["ensemble", "model", "outcome"], registry=r)

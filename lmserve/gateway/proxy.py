@@ -36,9 +36,10 @@ import orjson
 
 from lmserve.gateway.auth import Principal
 from lmserve.gateway.backends import Backend, ModelPool
-from lmserve.gateway.config import EnsembleConfig, GatewayConfig
+from lmserve.gateway.config import GatewayConfig
 from lmserve.gateway.errors import GatewayError, sse_error_event, unavailable
 from lmserve.gateway.metrics import GatewayMetrics
+from lmserve.gateway.model_modes import EnsembleConfig
 from lmserve.gateway.redact import Redactor
 from lmserve.gateway.router import Router
 from lmserve.gateway.sse import EventSplitter, StreamTransform, event_payload, has_usage, parse_usage

@@ -26,6 +26,13 @@ class ModelDeployment:
     """How the gateway spreads requests over the replicas."""
     serve: dict[str, Any] = field(default_factory=dict)
     """Extra `lmserve serve` settings for every replica (e.g. max_num_seqs: 64)."""
+    on_demand: bool = False
+    """The gateway starts this model's server at its first request (holding it meanwhile) and stops it
+    when idle or to make room under `memory_budget`; one server, so `replicas` must be 1."""
+    memory: float = 1.0
+    """on_demand: GiB the model takes once loaded, counted against `memory_budget`."""
+    idle_unload: float = 300.0
+    """on_demand: seconds without requests before its server stops; 0: never (until room is needed)."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -34,6 +41,10 @@ class ModelDeployment:
             raise ValueError(f"model {self.name!r}: replicas must be >= 1, got {self.replicas}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"model {self.name!r}: strategy must be one of {', '.join(STRATEGIES)}")
+        if self.on_demand and self.replicas != 1:
+            raise ValueError(f"model {self.name!r}: an on_demand model has one server; set replicas: 1")
+        if self.memory <= 0 or self.idle_unload < 0:
+            raise ValueError(f"model {self.name!r}: memory must be > 0 and idle_unload >= 0")
         for key in ("port", "served_model_name", "model", "host", "api_key"):
             if key in self.serve:
                 raise ValueError(f"model {self.name!r}: serve.{key} is set by the stack itself")
@@ -73,6 +84,9 @@ class StackConfig:
     """Seconds a server has to answer `/health` before the check counts as bad."""
     restart_unhealthy_after: int = 3
     """Bad `/health` checks in a row (not 200, or no answer in time) before a server is restarted."""
+    memory_budget: float | None = None
+    """GiB the on_demand models may take at once (their `memory` summed); the least recently used idle
+    one stops to make room. None: no limit."""
 
     def __post_init__(self) -> None:
         self.models = [m if isinstance(m, ModelDeployment) else ModelDeployment(**m) for m in self.models]
@@ -100,7 +114,8 @@ class StackConfig:
 
     @property
     def num_servers(self) -> int:
-        return sum(m.replicas for m in self.models)
+        """Servers the stack starts itself (on_demand ones are the gateway's, on ports it picks)."""
+        return sum(m.replicas for m in self.models if not m.on_demand)
 
     @property
     def home_dir(self) -> Path:

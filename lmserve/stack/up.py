@@ -91,10 +91,10 @@ class Stack:
     def _start_servers(self) -> None:
         port = self.config.first_server_port or self.config.port + 100
         for model in self.config.models:
+            if model.on_demand:
+                continue  # the gateway starts it (_launch)
             for replica in range(model.replicas):
-                # Flags, not the inherited LMSERVE_* environment, say where a server listens.
-                args = cli("serve", model.model, "--port", str(port), "--host", "127.0.0.1",
-                           "--served-model-name", model.name, *self._shared_flags(), *serve_flags(model.serve))
+                args = self._serve_args(model, str(port))
                 name = f"{model.name}-{replica}"
                 child = Child(name, args, self.logs / f"{name}.log", f"http://127.0.0.1:{port}/ready",
                               env={"LMSERVE_API_KEY": self.backend_key},  # in env, not on `ps` output
@@ -104,6 +104,18 @@ class Stack:
         self.say(f"starting {len(self.servers)} model server(s); logs in {self.logs}")
         self.supervisor.wait_ready([c for _, _, c in self.servers], SERVER_READY_TIMEOUT)
 
+    def _serve_args(self, model: ModelDeployment, port: str) -> list[str]:
+        # Flags, not the inherited LMSERVE_* environment, say where a server listens.
+        return cli("serve", model.model, "--port", port, "--host", "127.0.0.1", "--served-model-name", model.name,
+                   *self._shared_flags(), *serve_flags(model.serve))
+
+    def _launch(self, model: ModelDeployment) -> dict[str, Any]:
+        """The gateway's `launch` entry for an on_demand model: the same server command, on a port the
+        gateway picks."""
+        return {"command": self._serve_args(model, "{port}"), "env": {"LMSERVE_API_KEY": self.backend_key},
+                "api_key": self.backend_key, "memory": model.memory, "idle_unload": model.idle_unload,
+                "load_timeout": SERVER_READY_TIMEOUT, "log_file": str(self.logs / f"{model.name}.log")}
+
     def _shared_flags(self) -> list[str]:
         """Settings the stack hands to the gateway and every server under the same names."""
         return ["--drain-seconds", str(self.config.drain_seconds), "--log-level", self.config.log_level]
@@ -111,6 +123,7 @@ class Stack:
     def _write_gateway_config(self) -> Path:
         admin_key = _private_file(self.home / "admin_key", lambda: "adm-" + secrets.token_urlsafe(24))
         models = [
+            {"name": m.name, "strategy": m.strategy, "launch": self._launch(m)} if m.on_demand else
             {"name": m.name, "strategy": m.strategy,
              "backends": [{"url": url, "api_key": self.backend_key} for url in self.server_urls(m)]}
             for m in self.config.models
@@ -124,6 +137,8 @@ class Stack:
         }
         if self.config.redis_url:
             config["redis_url"] = self.config.redis_url
+        if self.config.memory_budget is not None:
+            config["launch_memory_budget"] = self.config.memory_budget
         config = _merge(config, self.config.gateway)
         path = self.home / "gateway.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -172,7 +187,8 @@ def banner(stack: Stack, api_key: str) -> str:
         f"lmserve is up: gateway {url}/v1 in front of "
         + ", ".join(f"{m.replicas} x {m.name}" for m in stack.config.models),
         f"  API key:     {api_key}",
-        *(f"  servers:     {m.name}: {', '.join(stack.server_urls(m))}" for m in stack.config.models),
+        *(f"  servers:     {m.name}: {', '.join(stack.server_urls(m)) or 'on demand (the gateway starts it)'}"
+          for m in stack.config.models),
         f"  metrics:     {url}/metrics",
         f"  logs:        {stack.logs}",
         f"  admin key:   {stack.home / 'admin_key'}",

@@ -54,7 +54,7 @@ class GatewayProc:
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return httpx.request(method, self.url + path, headers={"authorization": f"Bearer {ADMIN_KEY}"},
-                             timeout=10, **kwargs)
+                             **{"timeout": 10, **kwargs})
 
     def create_key(self, **fields: Any) -> str:
         response = self.admin("POST", "/admin/keys", json={"name": "test", **fields})
