@@ -182,7 +182,9 @@ class Ensembles:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         if ensemble.rule == "logprob":
-            body["logprobs"] = True if req.path == CHAT_PATH else max(1, int(body.get("logprobs") or 0))
+            asked = body.get("logprobs")
+            is_count = isinstance(asked, int) and not isinstance(asked, bool) and asked >= 1
+            body["logprobs"] = True if req.path == CHAT_PATH else (asked if is_count else 1)
         sub = replace(req, raw_body=orjson.dumps(body), body=body, pool=pool, is_stream=True, wants_usage=True, cache_key=None,
                       extra_headers=[], ensemble=None)
         return _Member(pool.name, sub)

@@ -164,6 +164,15 @@ def test_what_an_ensemble_cannot_answer_is_refused(backends: Any, gateway_factor
     assert fake.stats()["requests"] == 0
 
 
+def test_a_hostile_logprobs_value_is_the_servers_to_refuse(backends: Any, gateway_factory: Any,
+                                                           tmp_path: Path) -> None:
+    fake = backends("fake")
+    gw = gateway_factory(ensemble_config(tmp_path, fake.url, fake.url, "logprob"))
+    response = httpx.post(gw.url + "/v1/completions", headers={"authorization": f"Bearer {gw.create_key()}"},
+                          json={"model": "both", "prompt": "hi", "logprobs": "many"})
+    assert response.status_code < 500, response.text
+
+
 @pytest.mark.parametrize("ensemble, message", [
     ({"name": "m1", "members": ["m1", "m2"]}, "clashes"),
     ({"name": "e", "members": ["m1"]}, "two or more"),
