@@ -20,10 +20,13 @@ class RequestResult:
     ttft: float | None = None
     """Seconds from sending to the first streamed token."""
     latency: float = 0.0
+    """Seconds from sending to the end of the response."""
     inter_token: list[float] = field(default_factory=list)
     """Seconds between streamed chunks after the first."""
     error: str | None = None
     token_ids: list[int] | None = None
+    started: float = 0.0
+    """time.perf_counter() when the request was sent (the run's clock: see RunResult.started)."""
 
 
 @dataclass
@@ -54,25 +57,41 @@ async def send(session: aiohttp.ClientSession, target: Target, spec: RequestSpec
         **({"stream_options": {"include_usage": True}} if target.stream else {}),
         **target.extra,
     }
+    path = "/completions"
+    if spec.messages is not None:
+        path = "/chat/completions"
+        del body["prompt"]
+        body["messages"] = list(spec.messages)
     started = time.perf_counter()
     try:
-        async with session.post(target.base_url.rstrip("/") + "/completions", data=orjson.dumps(body),
+        async with session.post(target.base_url.rstrip("/") + path, data=orjson.dumps(body),
                                 headers=target.headers()) as response:
             if response.status != 200:
                 text = (await response.text())[:300]
-                return RequestResult(False, response.status, latency=time.perf_counter() - started, error=text)
+                return RequestResult(False, response.status, latency=time.perf_counter() - started,
+                                     started=started, error=text)
             if target.stream:
                 return await _read_stream(response, started)
             payload = orjson.loads(await response.read())
             usage = payload.get("usage") or {}
             return RequestResult(True, 200, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
-                                 latency=time.perf_counter() - started)
+                                 latency=time.perf_counter() - started, started=started)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        return RequestResult(False, 0, latency=time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}")
+        return RequestResult(False, 0, latency=time.perf_counter() - started, started=started,
+                             error=f"{type(exc).__name__}: {exc}")
+
+
+def _carries_output(choices: list[dict]) -> bool:
+    """Whether a streamed chunk holds generated output. A chat stream opens with a role-only delta
+    (content "") that must not count as the first token; a text completion's chunks all do."""
+    delta = choices[0].get("delta")
+    if delta is None:
+        return True
+    return bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"))
 
 
 async def _read_stream(response: aiohttp.ClientResponse, started: float) -> RequestResult:
-    result = RequestResult(True, 200)
+    result = RequestResult(True, 200, started=started)
     last: float | None = None
     async for raw in response.content:
         line = raw.strip()
@@ -86,7 +105,7 @@ async def _read_stream(response: aiohttp.ClientResponse, started: float) -> Requ
             result.ok, result.error = False, str(chunk["error"].get("message"))
             break
         now = time.perf_counter()
-        if chunk.get("choices"):
+        if chunk.get("choices") and _carries_output(chunk["choices"]):
             if result.ttft is None:
                 result.ttft = now - started
             elif last is not None:

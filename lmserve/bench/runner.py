@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -31,11 +32,18 @@ class LoadShape:
 
 @dataclass
 class RunResult:
+    """Every request's result in the order of the workload; `duration` runs from the first send to the
+    last response, and each RequestResult.started is on the same clock as `started`."""
+
     results: list[RequestResult]
     duration: float
+    started: float = 0.0
+    """time.perf_counter() when the first request was sent."""
 
 
-async def run(target: Target, specs: list[RequestSpec], shape: LoadShape, timeout: float = 3600.0) -> RunResult:
+async def run(target: Target, specs: list[RequestSpec], shape: LoadShape, timeout: float = 3600.0,
+              on_done: Callable[[RequestResult], None] | None = None) -> RunResult:
+    """Sends `specs` in order under `shape`; `on_done` (for progress) is called as each one finishes."""
     rng = random.Random(shape.seed)
     gate = asyncio.Semaphore(shape.concurrency)
     connector = aiohttp.TCPConnector(limit=shape.concurrency, force_close=False)
@@ -45,7 +53,9 @@ async def run(target: Target, specs: list[RequestSpec], shape: LoadShape, timeou
 
         async def one(i: int, spec: RequestSpec) -> None:
             async with gate:
-                results[i] = await send(session, target, spec)
+                results[i] = result = await send(session, target, spec)
+            if on_done is not None:
+                on_done(result)
 
         started = time.perf_counter()
         tasks = []
@@ -55,4 +65,4 @@ async def run(target: Target, specs: list[RequestSpec], shape: LoadShape, timeou
             tasks.append(asyncio.create_task(one(i, spec)))
         await asyncio.gather(*tasks)
         duration = time.perf_counter() - started
-    return RunResult([r for r in results if r is not None], duration)
+    return RunResult([r for r in results if r is not None], duration, started)
