@@ -6,6 +6,7 @@ from typing import Any
 
 import typer
 
+from lmserve.batch.cli import batch_app
 from lmserve.bench.cli import bench_command
 from lmserve.gateway.cli import keys_app
 
@@ -64,6 +65,7 @@ def gateway(ctx: typer.Context) -> None:
 
 
 app.add_typer(keys_app, name="keys")
+app.add_typer(batch_app, name="batch")
 app.command("bench")(bench_command)
 
 

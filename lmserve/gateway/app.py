@@ -3,7 +3,7 @@
 `Gateway` owns every component, creates the I/O-bound ones at lifespan start-up and closes them at
 shutdown; nothing lives in module globals. Routes: the OpenAI routes of routes.py (`POST
 /v1/chat/completions` and `/v1/completions` proxied; any other `/v1/` path is a 404), `GET /v1/models`,
-`/admin/*`, `GET /health` (liveness), `GET /ready` (readiness: 503 while draining or when no model
+`/v1/files` and `/v1/batches` (batches/), `/admin/*`, `GET /health` (liveness), `GET /ready` (readiness: 503 while draining or when no model
 has an available backend), `GET /metrics`.
 """
 
@@ -17,6 +17,7 @@ from lmserve.gateway.admin import AdminAPI
 from lmserve.gateway.asgi import Receive, Send, header_map, send_bytes, send_error, send_json
 from lmserve.gateway.auth import Authenticator
 from lmserve.gateway.backends import breaker_state_value
+from lmserve.gateway.batches.service import BatchService, is_batch_path
 from lmserve.gateway.cache import MemoryCache, RedisCache, ResponseCache
 from lmserve.gateway.config import GatewayConfig
 from lmserve.gateway.discovery import BackendDiscovery, Resolver, SystemResolver
@@ -64,6 +65,7 @@ class Gateway:
         self.ledger: UsageLedger | None = None
         self.limiter: RateLimiter | None = None
         self.cache: ResponseCache | None = None
+        self.batches: BatchService | None = None
 
     async def startup(self) -> None:
         config = self.config
@@ -98,6 +100,8 @@ class Gateway:
         self.admin = AdminAPI(config.admin_key, store, auth, self.router, self.launcher)
         self.launcher.start()
         self.ledger.start()
+        if config.batch.enabled:
+            self.batches = await BatchService.start(config, store.engine, self.handler, auth)
         await self.discovery.start()
         self.health.start()
 
@@ -110,6 +114,8 @@ class Gateway:
             await self.handler.on_complete(req, result, data)
 
     async def shutdown(self) -> None:
+        if self.batches is not None:
+            await self.batches.close()  # first: its requests in flight still use the handler and the ledger
         await self.launcher.close()
         await self.discovery.close()
         await self.health.close()
@@ -136,7 +142,9 @@ class Gateway:
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        if path.startswith("/v1/"):
+        if self.batches is not None and is_batch_path(path):
+            await self.batches(scope, receive, send)
+        elif path.startswith("/v1/"):
             route = FORWARDED.get(path) or LOCAL.get(path)
             if route is None:
                 await send_error(send, not_found(f"No route {method} {path}."))

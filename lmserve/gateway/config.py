@@ -294,6 +294,33 @@ class LimitsConfig:
 
 
 @dataclass
+class BatchConfig:
+    """Asynchronous batch jobs (`/v1/files`, `/v1/batches`): files and jobs live in `database_url`."""
+
+    enabled: bool = True
+    """Serve the Files and Batch APIs and run batches in this gateway."""
+    max_file_bytes: int = 100 * 1024 * 1024
+    """Largest file a client may upload (413 above); files are stored in the database."""
+    max_requests: int = 50_000
+    """Most requests (lines) one batch input file may hold."""
+    concurrency: int = 4
+    """Batch requests this gateway runs at once, over all batches (they run at the low priority class)."""
+    poll_interval: float = 1.0
+    """Seconds between looks for batches to run (new ones in this gateway start at once)."""
+    lease_seconds: float = 30.0
+    """A batch whose gateway stopped renewing its lease this long ago is taken over by another
+    gateway (or by this one after a restart); renewed every third of it."""
+    retry_interval: float = 1.0
+    """Seconds before a request refused for load or rate (429, 502, 503, 504) is sent again, unless
+    the answer's Retry-After says longer; it is retried until the batch's window ends."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_bytes", "max_requests", "concurrency", "poll_interval", "lease_seconds",
+                     "retry_interval"):
+            _positive(f"batch.{name}", getattr(self, name))
+
+
+@dataclass
 class GatewayConfig:
     """Everything `lmserve gateway` needs. `models` must name each model (and alias) once."""
 
@@ -314,7 +341,7 @@ class GatewayConfig:
     tls_keyfile: str | None = None
     """PEM private key of tls_certfile."""
     database_url: str = "sqlite:///lmserve-gateway.db"
-    """SQLAlchemy URL for keys and the usage ledger (`postgresql+psycopg://...` for many gateways)."""
+    """SQLAlchemy URL for keys, the usage ledger, and batch files and jobs (`postgresql+psycopg://...` for many gateways)."""
     redis_url: str | None = None
     """When set, rate limits and the cache live in Redis and are shared by every replica."""
     admin_key: str | None = None
@@ -340,6 +367,7 @@ class GatewayConfig:
     shedding: SheddingConfig = field(default_factory=SheddingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     redaction: RedactionConfig = field(default_factory=RedactionConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     jwt: JWTConfig | None = None
 
     def __post_init__(self) -> None:
@@ -399,6 +427,7 @@ _NESTED = {
     "shedding": SheddingConfig,
     "cache": CacheConfig,
     "redaction": RedactionConfig,
+    "batch": BatchConfig,
     "jwt": JWTConfig,
 }
 

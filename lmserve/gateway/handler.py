@@ -54,6 +54,9 @@ _RANK_PRIORITY = ("high", "normal", "low")
 _PRIORITY_HEADERS = {name: (PRIORITY_HEADER, name.encode()) for name in _RANK_PRIORITY}
 """The `X-Lmserve-Priority` header of each priority class, made once rather than per request."""
 _WATCH_AFTER = 0.05
+INTERNAL_PRINCIPAL = "lmserve.principal"
+"""ASGI scope key of a request the gateway makes on a principal's behalf (a batch line): the request
+skips authentication and runs as that principal. No client can set it: scopes come from the server."""
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
 """Client request ids kept as they are; anything else is replaced (it travels into headers and logs)."""
 
@@ -192,11 +195,13 @@ class ProxyHandler:
 
     async def _admit(self, scope: dict[str, Any], headers: dict[bytes, bytes], raw: bytes, request_id: bytes,
                      span: Any, result: ProxyResult) -> ProxyRequest:
-        try:
-            principal = await self.auth.authenticate(headers.get(b"authorization"))
-        except KeyRefused as refused:
-            self.metrics.record_key_rejection(refused.principal, refused.reason)
-            raise
+        principal = scope.get(INTERNAL_PRINCIPAL)  # set only by the gateway itself (batches/internal.py)
+        if principal is None:
+            try:
+                principal = await self.auth.authenticate(headers.get(b"authorization"))
+            except KeyRefused as refused:
+                self.metrics.record_key_rejection(refused.principal, refused.reason)
+                raise
         route = FORWARDED[scope["path"]]  # the app sends only these paths here
         path = route.upstream_path  # never the client's bytes (request smuggling)
         body = parse_json(raw)
