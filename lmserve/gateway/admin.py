@@ -5,6 +5,8 @@
                                       priority?, expires_at? (ISO 8601)} -> the key, shown once
   DELETE /admin/keys/{id}             revoke (effective on this gateway at once)
   GET    /admin/usage[?key_id=...]    ledger totals per key and model
+  GET    /admin/usage/series[?bucket=hour|day&buckets=N&key_id=...]
+                                      the same per hour or day (UTC), the last N buckets (24 hours)
   GET    /admin/backends              pools and backend state
   POST   /admin/backends              add {model, url, weight?, api_key?}
   POST   /admin/backends/drain        {model, url}: no new requests, in-flight ones finish
@@ -13,6 +15,8 @@
   GET    /admin/health                backend health, readiness and breaker states
   GET    /admin/models                on-demand models (launch): state, pinned, in flight
   POST   /admin/models/{name}/{action}  load (waits until ready), unload, pin, unpin
+  GET    /admin/status                models and backends with their servers' load (queue, KV cache)
+                                      and the last minutes of traffic (status.py; the console's view)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -30,17 +35,20 @@ from lmserve.gateway.errors import GatewayError, bad_request, not_found, unautho
 from lmserve.gateway.keystore import KeyStore
 from lmserve.gateway.launcher import Launcher
 from lmserve.gateway.router import Router
+from lmserve.gateway.usage_series import usage_series
 from lmserve.gateway.validation import body_too_large, parse_json
 
 
 class AdminAPI:
     def __init__(self, admin_key: str | None, store: KeyStore, auth: Authenticator, router: Router,
-                 launcher: Launcher) -> None:
+                 launcher: Launcher,
+                 status: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
         self.admin_key = admin_key.encode() if admin_key else None
         self.store = store
         self.auth = auth
         self.router = router
         self.launcher = launcher
+        self.status = status
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         try:
@@ -76,6 +84,8 @@ class AdminAPI:
             return await self._revoke(parts[1])
         if parts == ["usage"] and method == "GET":
             return 200, {"data": await asyncio.to_thread(self.store.usage, query.get("key_id"))}
+        if parts == ["usage", "series"] and method == "GET":
+            return 200, {"data": await self._usage_series(query)}
         if parts == ["backends"] and method == "GET":
             return 200, self._backends()
         if parts == ["health"] and method == "GET":
@@ -88,6 +98,8 @@ class AdminAPI:
             if parts[2] not in ("load", "unload", "pin", "unpin"):
                 raise bad_request(f"Unknown action `{parts[2]}`: load, unload, pin or unpin.")
             return 200, await self.launcher.admin(parts[1], parts[2])
+        if parts == ["status"] and method == "GET" and self.status is not None:
+            return 200, await self.status()
         if parts[:1] == ["backends"] and method in ("POST", "DELETE"):
             return self._change_backend(parts[1:], method, body)
         raise not_found(f"No admin route {method} {path}.")
@@ -104,6 +116,14 @@ class AdminAPI:
         except (ValueError, TypeError) as exc:
             raise bad_request(str(exc)) from None
         return {"key": plaintext, **record.as_dict()}
+
+    async def _usage_series(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        bucket = query.get("bucket", "hour")
+        try:
+            num_buckets = int(query.get("buckets", "24" if bucket == "hour" else "30"))
+            return await asyncio.to_thread(usage_series, self.store, bucket, num_buckets, query.get("key_id"))
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
 
     async def _revoke(self, key_id: str) -> tuple[int, Any]:
         if not await asyncio.to_thread(self.store.revoke, key_id):

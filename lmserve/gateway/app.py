@@ -3,8 +3,9 @@
 `Gateway` owns every component, creates the I/O-bound ones at lifespan start-up and closes them at
 shutdown; nothing lives in module globals. Routes: the OpenAI routes of routes.py (`POST
 /v1/chat/completions` and `/v1/completions` proxied; any other `/v1/` path is a 404), `GET /v1/models`,
-`/v1/files` and `/v1/batches` (batches/), `/admin/*`, `GET /health` (liveness), `GET /ready` (readiness: 503 while draining or when no model
-has an available backend), `GET /metrics`.
+`/v1/files` and `/v1/batches` (batches/), `/admin/*`, the web console under `/ui` (console.py),
+`GET /health` (liveness), `GET /ready` (readiness: 503 while draining or when no model has an
+available backend), `GET /metrics`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from lmserve.gateway.backends import breaker_state_value
 from lmserve.gateway.batches.service import BatchService, is_batch_path
 from lmserve.gateway.cache import MemoryCache, RedisCache, ResponseCache
 from lmserve.gateway.config import GatewayConfig
+from lmserve.gateway.console import PREFIX as CONSOLE_PREFIX
+from lmserve.gateway.console import Console
 from lmserve.gateway.discovery import BackendDiscovery, Resolver, SystemResolver
 from lmserve.gateway.errors import GatewayError, not_found
 from lmserve.gateway.handler import ProxyHandler, models_listing
 from lmserve.gateway.health import HealthChecker
+from lmserve.gateway.history import TrafficHistory
 from lmserve.gateway.keystore import KeyStore
 from lmserve.gateway.launcher import Launcher
 from lmserve.gateway.ledger import UsageLedger
@@ -33,6 +37,7 @@ from lmserve.gateway.ratelimit import MemoryRateLimiter, RateLimiter
 from lmserve.gateway.redact import Redactor
 from lmserve.gateway.router import Router
 from lmserve.gateway.routes import FORWARDED, LOCAL
+from lmserve.gateway.status import StatusView
 from lmserve.gateway.tracing import Tracer, tracer_from_env
 from lmserve.gateway.upstream import UpstreamPool
 
@@ -66,6 +71,8 @@ class Gateway:
         self.limiter: RateLimiter | None = None
         self.cache: ResponseCache | None = None
         self.batches: BatchService | None = None
+        self.console = Console()
+        self.history = TrafficHistory(self.metrics)
 
     async def startup(self) -> None:
         config = self.config
@@ -97,11 +104,13 @@ class Gateway:
         forwarder = Forwarder(config, self.router, self.upstream, self.redactor, self._on_complete, self.metrics)
         self.handler = ProxyHandler(config, self.router, forwarder, auth, self.limiter, self.cache, self.ledger,
                                     self.metrics, self.tracer, self.launcher)
-        self.admin = AdminAPI(config.admin_key, store, auth, self.router, self.launcher)
+        self.admin = AdminAPI(config.admin_key, store, auth, self.router, self.launcher,
+                              StatusView(self.router, self.upstream, self.history))
         self.launcher.start()
         self.ledger.start()
         if config.batch.enabled:
             self.batches = await BatchService.start(config, store.engine, self.handler, auth)
+        self.history.start(lambda: list(self.router.pools))
         await self.discovery.start()
         self.health.start()
 
@@ -119,6 +128,7 @@ class Gateway:
         await self.launcher.close()
         await self.discovery.close()
         await self.health.close()
+        await self.history.close()
         if self.ledger is not None:
             await self.ledger.close()
         if self.limiter is not None:
@@ -155,6 +165,8 @@ class Gateway:
                                                     "invalid_request_error", "method_not_allowed"))
         elif path.startswith("/admin/") and self.admin is not None:
             await self.admin(scope, receive, send)
+        elif path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/"):
+            await self.console(scope, receive, send)
         elif path == "/health":
             await send_json(send, 200, {"status": "ok"})
         elif path == "/ready":

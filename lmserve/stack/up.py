@@ -190,6 +190,7 @@ def banner(stack: Stack, api_key: str) -> str:
         *(f"  servers:     {m.name}: {', '.join(stack.server_urls(m)) or 'on demand (the gateway starts it)'}"
           for m in stack.config.models),
         f"  metrics:     {url}/metrics",
+        f"  console:     {url}/ui",
         f"  logs:        {stack.logs}",
         f"  admin key:   {stack.home / 'admin_key'}",
         f"  more keys:   lmserve keys create --name NAME{_config_flag(stack)}",
