@@ -20,6 +20,8 @@ command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 # The console tests (tests/console/) drive Debian's Chromium through Playwright (`playwright install`
 # cannot download browsers here; the tests launch /usr/bin/chromium).
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# curl: the console test uses a key made in the browser the way the README does, with curl.
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"
   sudo_cmd=""
