@@ -32,19 +32,22 @@ def two_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Proces
         models[seed] = tmp_path_factory.mktemp(f"ensemble-model-{seed}")
         build_model("llama3", models[seed], seed=seed)
 
-    def start(seed: int) -> Process:
-        model = models[seed]
-        port = free_port()
-        args = python_module("lmserve.cli", "serve", str(model), "--port", str(port), "--served-model-name", "tiny",
-                             "--num-blocks", "256")
-        return start_process(args, port, tmp_path_factory.mktemp(f"serve-{seed}") / "server.log",
-                             ready_path="/ready", timeout=120)
+    started: dict[int, Process] = {}  # each one is stopped at the end, even if the other failed to start
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        servers = list(pool.map(start, [1, 2]))
-    yield servers
-    for server in servers:
-        server.stop()
+    def start(seed: int) -> None:
+        port = free_port()
+        args = python_module("lmserve.cli", "serve", str(models[seed]), "--port", str(port), "--served-model-name",
+                             "tiny", "--num-blocks", "256")
+        started[seed] = start_process(args, port, tmp_path_factory.mktemp(f"serve-{seed}") / "server.log",
+                                      ready_path="/ready", timeout=120)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(start, [1, 2]))
+        yield [started[1], started[2]]
+    finally:
+        for server in started.values():
+            server.stop()
 
 
 def ensemble_config(tmp_path: Path, a: str, b: str, rule: str) -> dict[str, Any]:
