@@ -9,7 +9,7 @@ numbers of tokens: the figure to compare is the time per engine step (each step 
 for every running sequence), with tokens per second beside it. Prompts: numpy default_rng(0), 16
 to 128 token ids each; sampling at temperature 0.8 with a seed per request; the free requests
 ignore end-of-sequence, so both runs keep the batch full. One untimed warm-up run compiles the
-schema and builds llguidance's tokenizer first. Prints one JSON line per run.
+schema, builds llguidance's tokenizer and runs the batch's shapes first. Prints one JSON line per run.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     llm = LLM(args.model)
     vocab = llm.engine.vocab_size
-    run(llm, *requests(4, 16, vocab, constrained=True))  # warm-up: compiles the schema
+    run(llm, *requests(args.num_requests, 16, vocab, constrained=True))  # warm-up: the schema, the batch's shapes
     for constrained in (False, True):
         result = run(llm, *requests(args.num_requests, args.max_tokens, vocab, constrained))
         print(json.dumps({"half_constrained": constrained, "num_requests": args.num_requests,
