@@ -17,6 +17,7 @@ from pathlib import Path
 from lmserve.engine.attention import make_backend
 from lmserve.engine.attention.cpu_backend import CPUAttentionBackend
 from lmserve.engine.config import EngineConfig, PreemptionMode
+from lmserve.engine.grammar import GrammarCompiler, StructuredDecoder
 from lmserve.engine.kernels import tune_malloc, use_native_kernels
 from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.loader import load_model
@@ -142,7 +143,10 @@ class Engine:
         self.scheduler = Scheduler(
             config.scheduler, self.kv_cache, self.max_model_len, self.eos_token_ids, clock=clock
         )
-        sampler = Sampler(self.vocab_size, self.eos_token_ids, seed=config.model.seed)
+        tokenizer_path = config.model.tokenizer or self.model_dir
+        compiler = GrammarCompiler(tokenizer_path, self.vocab_size, self.eos_token_ids[0] if self.eos_token_ids else 0)
+        self.structured = StructuredDecoder(compiler)
+        sampler = Sampler(self.vocab_size, self.eos_token_ids, seed=config.model.seed, structured=self.structured)
         backend = make_backend(config.model.attention_backend, loaded.device, cache.block_size)
         if isinstance(backend, CPUAttentionBackend):
             use_native_kernels(loaded.model, backend.kernels)
@@ -243,6 +247,7 @@ class Engine:
             )
             for i in range(params.n)
         ]
+        self.structured.add(seqs)  # compiles the schema first: a bad one raises, adding nothing
         self._requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -258,6 +263,7 @@ class Engine:
         """Ends every sequence of the request and frees what they held; unknown ids are ignored."""
         for seq in self._requests.pop(request_id, []):
             self.scheduler.abort(seq, FinishReason.ABORT)
+            self.structured.release(seq.seq_id)
 
     def stop_sequence(self, request_id: str, index: int) -> None:
         """Ends one sequence with finish reason `stop` (a stop string matched in its text)."""
@@ -265,6 +271,7 @@ class Engine:
         if seqs is None or not 0 <= index < len(seqs):
             return
         self.scheduler.abort(seqs[index], FinishReason.STOP)
+        self.structured.release(seqs[index].seq_id)
         self._forget_if_done(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -279,6 +286,7 @@ class Engine:
         self.scheduler.record_step(output.num_batched_tokens, self.clock() - started)
         self._record_prompt_logprobs(output, step)
         received = self.scheduler.update(output, {seq_id: r.token_id for seq_id, r in step.sampled.items()})
+        self._end_completed_grammars(received)
         self._num_steps += 1
         self._last_step_num_tokens = output.num_batched_tokens
         outputs = []
@@ -286,10 +294,22 @@ class Engine:
             logprobs = step.sampled[seq.seq_id].logprobs
             outputs.append(self._output(seq, [seq.token_ids[-1]], None if logprobs is None else [logprobs]))
         outputs.extend(self._output(seq, [], None) for seq in output.finished)
+        for seq in [*received, *output.finished]:
+            if seq.is_finished:
+                self.structured.release(seq.seq_id)
         for out in outputs:
             if out.finished:
                 self._forget_if_done(out.request_id)
         return outputs
+
+    def _end_completed_grammars(self, received: list[Sequence]) -> None:
+        """Ends (finish reason stop) the constrained sequences whose JSON is complete: nothing but
+        end-of-sequence could follow, so the step that would sample it is saved."""
+        if not len(self.structured):
+            return
+        for seq in self.structured.completed(received):
+            if not seq.is_finished:
+                self.scheduler.abort(seq, FinishReason.STOP)
 
     def _record_prompt_logprobs(self, output: SchedulerOutput, step: StepResult) -> None:
         """Keeps prompt log-probabilities not recorded yet (a recomputed prompt repeats them)."""

@@ -2,7 +2,8 @@
 
 Order of processing (each only for the rows that ask for it): log-probabilities of the raw model
 distribution; min_tokens (suppress end tokens); repetition / presence / frequency penalties;
-greedy rows take the argmax; the others are divided by temperature, filtered by top-k, top-p and
+grammar masks of constrained rows (structured outputs: one mask batch for those rows, the free
+rows untouched); greedy rows take the argmax; the others are divided by temperature, filtered by top-k, top-p and
 min-p, and sampled. A request with a seed draws its randomness from (seed, sample index, output
 position) alone, so what runs beside it, chunking and preemption never change its tokens.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmserve.engine.grammar import StructuredDecoder
 from lmserve.engine.sequence import Sequence
 
 _MASK64 = (1 << 64) - 1
@@ -47,16 +49,22 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, eos_token_ids: Iterable[int], seed: int = 0) -> None:
+    def __init__(
+        self, vocab_size: int, eos_token_ids: Iterable[int], seed: int = 0,
+        structured: StructuredDecoder | None = None,
+    ) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.generator: torch.Generator | None = None
         self.seed = seed
+        self.structured = structured
+        """The matchers of constrained sequences; None when the engine constrains nothing."""
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         """logits [N, V] (float32) for the N sequences in `seqs`, in the same order."""
         params = [s.params for s in seqs]
-        if all(p.is_greedy and not p.has_penalties and p.logprobs is None and not p.min_tokens for p in params):
+        if all(p.is_greedy and not p.has_penalties and p.logprobs is None and not p.min_tokens
+               and p.structured is None for p in params):
             return [SampleResult(t) for t in logits.argmax(dim=-1).tolist()]
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
@@ -64,6 +72,7 @@ class Sampler:
         logits = logits.clone()
         self._suppress_end_tokens(logits, seqs)
         self._apply_penalties(logits, seqs)
+        self._apply_grammars(logits, seqs)
         token_ids = self._choose(logits, seqs)
         results = [SampleResult(t) for t in token_ids]
         if raw_logprobs is not None:
@@ -104,6 +113,20 @@ class Sampler:
         pres = torch.tensor([seqs[r].params.presence_penalty for r in rows], device=device)[:, None]
         selected = selected - freq * counts - pres * (counts > 0).to(selected.dtype)
         logits[index] = selected
+
+    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Sets the logits of the tokens a constrained row's grammar forbids to -inf, for all
+        constrained rows at once; other rows are not touched (nor copied)."""
+        structured = self.structured
+        if structured is None or not len(structured):
+            return
+        rows = [i for i, s in enumerate(seqs) if structured.is_constrained(s)]
+        if not rows:
+            return
+        allowed = structured.allowed_tokens([seqs[r] for r in rows], logits.shape[1])
+        index = torch.tensor(rows, device=logits.device)
+        forbidden = ~torch.from_numpy(allowed).to(logits.device)
+        logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
 
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         token_ids = logits.argmax(dim=-1)

@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 # A request may ask for at most this many top log-probabilities per token (OpenAI allows 20).
 MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on what a request may generate: JSON that validates against `json_schema`.
+
+    Plain text, so it crosses the engine's process boundary as it is; the engine compiles it into a
+    grammar once per distinct schema (lmserve.engine.grammar). Construction raises `ValueError`
+    when `json_schema` is not the text of a JSON object.
+    """
+
+    json_schema: str
+    """The schema as compact JSON text, properties in the client's order: the grammar (and so the
+    output) follows that order, which is why the text is not key-sorted."""
+    origin: str = "response_format"
+    """The request field the constraint came from (response_format, tools); errors name it."""
+
+    def __post_init__(self) -> None:
+        try:
+            schema = json.loads(self.json_schema)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.origin}: the JSON schema is not valid JSON") from None
+        if not isinstance(schema, dict):
+            raise ValueError(f"{self.origin}: the JSON schema must be a JSON object")
+
+    @classmethod
+    def from_schema(cls, schema: dict, origin: str = "response_format") -> StructuredOutputs:
+        """The constraint for a schema given as a dict (the text is its compact JSON)."""
+        return cls(json.dumps(schema, separators=(",", ":"), ensure_ascii=False), origin)
 
 
 @dataclass
@@ -52,6 +82,8 @@ class SamplingParams:
     """Return this many top log-probabilities per prompt token; None: none."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
+    structured: StructuredOutputs | None = None
+    """Constrain the output to JSON of a schema; it ends (finish reason stop) when the JSON is complete."""
 
     def __post_init__(self) -> None:
         self._check_int("max_tokens", self.max_tokens, minimum=1)
@@ -98,6 +130,9 @@ class SamplingParams:
         for text in self.stop:
             if not isinstance(text, str) or not text:
                 raise ValueError("stop must be a list of non-empty strings")
+        if self.structured is not None and (self.ignore_eos or self.min_tokens):
+            # The grammar decides where the output ends; both would fight it.
+            raise ValueError(f"{self.structured.origin} cannot be combined with ignore_eos or min_tokens")
 
     @property
     def is_greedy(self) -> bool:

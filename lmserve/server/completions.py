@@ -83,8 +83,9 @@ async def create_completion(body: CompletionRequest, http: Request, state: Serve
     generations = []
     for i, (_, ids) in enumerate(prompts):
         prompt_logprobs = body.logprobs if body.echo else None
+        structured = body.response_format.structured_outputs() if body.response_format else None
         params = sampling_params(state, body, max_tokens_for(state, len(ids), body.max_tokens), body.logprobs,
-                                 prompt_logprobs)
+                                 prompt_logprobs, structured)
         generations.append(Generation(engine, tokenizer, f"{request_id}-{i}", ids, params,
                                       identity.priority, identity.tenant, index_offset=i * body.n))
     created = int(time.time())

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lmserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from lmserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputs
 
 
 class StrictModel(BaseModel):
@@ -20,6 +20,37 @@ class StrictModel(BaseModel):
 class StreamOptions(StrictModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class JSONSchemaFormat(StrictModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    """Accepted either way: the output always follows the schema (lmserve has no non-strict mode)."""
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object")
+        return self
+
+    def structured_outputs(self) -> StructuredOutputs | None:
+        """The engine's constraint: None for text; any JSON object for json_object (and for a
+        json_schema without a schema)."""
+        if self.type == "text":
+            return None
+        schema = self.json_schema.json_schema if self.json_schema is not None else None
+        return StructuredOutputs.from_schema({"type": "object"} if schema is None else schema)
 
 
 class GenerationFields(StrictModel):
@@ -50,6 +81,8 @@ class GenerationFields(StrictModel):
     """high, normal, low or an engine integer; honoured only with trust_client_identity (identity.py)."""
     tenant: str | None = None
     """Honoured only with trust_client_identity; a gateway sends the key's tenant in a header."""
+    response_format: ResponseFormat | None = None
+    """OpenAI's on chat completions; an lmserve extension on completions."""
 
     @field_validator("logit_bias")
     @classmethod
@@ -70,6 +103,7 @@ class GenerationFields(StrictModel):
         logprobs: int | None,
         prompt_logprobs: int | None = None,
         defaults: Mapping[str, float] | None = None,
+        structured: StructuredOutputs | None = None,
     ) -> SamplingParams:
         """The engine's params; a sampling field the request leaves out comes from `defaults` (the
         model's generation_config.json), else from OpenAI's defaults."""
@@ -100,6 +134,7 @@ class GenerationFields(StrictModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            structured=structured,
         )
 
 
@@ -133,27 +168,61 @@ class TextPart(StrictModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+    """JSON text, as OpenAI sends it."""
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(StrictModel):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    """Accepted either way: a call the grammar forces always follows `parameters`."""
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_parameters(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError("function parameters must be a JSON schema of type object")
+        return value
+
+
+class ToolDefinition(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant's earlier calls."""
+    tool_call_id: str | None = None
+    """A tool message: the call it answers."""
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
-
-
-class ResponseFormat(StrictModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _only_text(self) -> ResponseFormat:
-        if self.type != "text":
-            raise ValueError(f"response_format {self.type!r} is not supported; only 'text'")
-        return self
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -162,10 +231,9 @@ class ChatCompletionRequest(GenerationFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     # Accepted and ignored: they change nothing a self-hosted model does.
@@ -181,15 +249,36 @@ class ChatCompletionRequest(GenerationFields):
 
     @model_validator(mode="after")
     def _unsupported(self) -> ChatCompletionRequest:
-        if self.tools or self.functions:
-            raise ValueError("tool and function calling is not supported by this server")
-        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            raise ValueError("tool and function calling is not supported by this server")
+        if self.functions or self.function_call not in (None, "none"):
+            raise ValueError("functions and function_call are deprecated and not supported: send tools and tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         return self
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tools must have distinct function names")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice is only allowed when tools are specified")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names the function {choice.function.name!r}, which is not in tools")
+        if self.tool_mode() is not None and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format json_object or json_schema is only supported with tool_choice none "
+                             "(or without tools)")
+        return self
+
+    def tool_mode(self) -> str | None:
+        """None (tools are not called), "auto", "required", or the name of the function to call."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -245,7 +334,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

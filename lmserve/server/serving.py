@@ -16,7 +16,8 @@ from starlette.responses import Response
 
 from lmserve.engine.async_engine import EngineDeadError
 from lmserve.engine.errors import EngineOverloaded
-from lmserve.engine.sampling_params import SamplingParams
+from lmserve.engine.grammar import GrammarError
+from lmserve.engine.sampling_params import SamplingParams, StructuredOutputs
 from lmserve.server.errors import (
     APIError,
     bad_request,
@@ -61,10 +62,10 @@ def max_tokens_for(state: ServerState, prompt_len: int, requested: int | None) -
 
 def sampling_params(
     state: ServerState, body: GenerationFields, max_tokens: int, logprobs: int | None,
-    prompt_logprobs: int | None = None,
+    prompt_logprobs: int | None = None, structured: StructuredOutputs | None = None,
 ) -> SamplingParams:
     try:
-        return body.sampling_params(max_tokens, logprobs, prompt_logprobs, state.sampling_defaults)
+        return body.sampling_params(max_tokens, logprobs, prompt_logprobs, state.sampling_defaults, structured)
     except ValueError as exc:
         raise bad_request(str(exc)) from None
 
@@ -252,6 +253,8 @@ class EventStreamResponse(Response):
 
 def engine_error(exc: Exception) -> APIError | None:
     """The HTTP error for what the engine raised when a request was submitted; None if unexpected."""
+    if isinstance(exc, GrammarError):
+        return bad_request(str(exc), param=exc.param)
     if isinstance(exc, EngineOverloaded):
         return overloaded(str(exc), exc.retry_after or 1.0)
     if isinstance(exc, EngineDeadError):
