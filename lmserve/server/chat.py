@@ -30,6 +30,7 @@ from lmserve.server.protocol import (
 from lmserve.server.serving import (
     Accounting,
     check_model,
+    chunk_usage,
     json_response,
     max_tokens_for,
     new_request_id,
@@ -147,11 +148,13 @@ async def create_chat_completion(body: ChatCompletionRequest, http: Request, sta
     accounting = Accounting(state, [generation], identity.tenant, identity.priority)
     writers = [choice_writer(body) for _ in range(body.n)]
 
+    so_far = chunk_usage(body.stream_options, [generation])
+
     def chunk(choices: list[dict], usage: dict | None = None, with_usage: bool = False) -> bytes:
         payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
                    "model": state.model_name, "choices": choices}
         if with_usage:
-            payload["usage"] = usage
+            payload["usage"] = usage if usage is not None else so_far()
         return sse(payload)
 
     def choice_deltas(d: Delta) -> list[dict]:

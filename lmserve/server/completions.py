@@ -22,6 +22,7 @@ from lmserve.server.protocol import (
 from lmserve.server.serving import (
     Accounting,
     check_model,
+    chunk_usage,
     json_response,
     max_tokens_for,
     new_request_id,
@@ -91,11 +92,13 @@ async def create_completion(body: CompletionRequest, http: Request, state: Serve
     created = int(time.time())
     accounting = Accounting(state, generations, identity.tenant, identity.priority)
 
+    so_far = chunk_usage(body.stream_options, generations)
+
     def chunk(choices: list[dict], usage: dict | None = None, with_usage: bool = False) -> bytes:
         payload = {"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
                    "choices": choices}
         if with_usage:
-            payload["usage"] = usage
+            payload["usage"] = usage if usage is not None else so_far()
         return sse(payload)
 
     def echo_of(index: int) -> tuple[str, tuple[list[int], list] | None]:

@@ -88,6 +88,14 @@ def usage_of(generations: list[Generation]) -> Usage:
     )
 
 
+def chunk_usage(options: Any, generations: list[Generation]) -> Callable[[], dict[str, Any] | None]:
+    """The `usage` of a stream's content chunks when the client asked for usage: null, or with
+    `continuous_usage_stats` the counts so far (vLLM's extension; the last chunk has the totals either way)."""
+    if options is None or not (options.include_usage and options.continuous_usage_stats):
+        return lambda: None
+    return lambda: usage_of(generations).model_dump()
+
+
 def json_response(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 

@@ -59,6 +59,18 @@ def test_streaming_matches_non_streaming_and_usage_comes_last(client):
     assert all(c.usage is None for c in plain)
 
 
+def test_continuous_usage_stats_count_the_tokens_so_far_in_every_chunk(client):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for create, kwargs in ((client.chat.completions.create, {"messages": [{"role": "user", "content": "Tell me"}]}),
+                           (client.completions.create, {"prompt": "Once upon"})):
+        chunks = list(create(model=MODEL_NAME, max_tokens=12, temperature=0, stream=True, stream_options=options,
+                             extra_body={"ignore_eos": True}, **kwargs))
+        counts = [c.usage.completion_tokens for c in chunks]  # every chunk carries usage, none is null
+        assert counts == sorted(counts) and counts[-1] == 12 and counts[0] < 12
+        assert len({c.usage.prompt_tokens for c in chunks}) == 1
+        assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+
+
 def test_n_and_seed_are_reproducible(client):
     kwargs = dict(model=MODEL_NAME, prompt="Once", max_tokens=10, temperature=1.0, n=2, seed=11)
     a = client.completions.create(**kwargs)
