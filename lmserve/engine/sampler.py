@@ -1,7 +1,7 @@
 """Picks the next token of every sampling sequence in a step, in one batch.
 
 Order of processing (each only for the rows that ask for it): log-probabilities of the raw model
-distribution; min_tokens (suppress end tokens); repetition / presence / frequency penalties;
+distribution; min_tokens (suppress end tokens); repetition / presence / frequency penalties; logit_bias;
 grammar masks of constrained rows (structured outputs: one mask batch for those rows, the free
 rows untouched); greedy rows take the argmax; the others are divided by temperature, filtered by top-k, top-p and
 min-p, and sampled. A request with a seed draws its randomness from (seed, sample index, output
@@ -64,7 +64,7 @@ class Sampler:
         """logits [N, V] (float32) for the N sequences in `seqs`, in the same order."""
         params = [s.params for s in seqs]
         if all(p.is_greedy and not p.has_penalties and p.logprobs is None and not p.min_tokens
-               and p.structured is None for p in params):
+               and p.structured is None and not p.logit_bias for p in params):
             return [SampleResult(t) for t in logits.argmax(dim=-1).tolist()]
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
@@ -72,6 +72,7 @@ class Sampler:
         logits = logits.clone()
         self._suppress_end_tokens(logits, seqs)
         self._apply_penalties(logits, seqs)
+        self._apply_logit_bias(logits, seqs)
         self._apply_grammars(logits, seqs)
         token_ids = self._choose(logits, seqs)
         results = [SampleResult(t) for t in token_ids]
@@ -113,6 +114,14 @@ class Sampler:
         pres = torch.tensor([seqs[r].params.presence_penalty for r in rows], device=device)[:, None]
         selected = selected - freq * counts - pres * (counts > 0).to(selected.dtype)
         logits[index] = selected
+
+    def _apply_logit_bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        for row, seq in enumerate(seqs):
+            bias = seq.params.logit_bias
+            if bias:
+                # Ids past the logits' width (a server checks them against the vocabulary) are skipped.
+                ids = [i for i in bias if i < logits.shape[1]]
+                logits[row, ids] += torch.tensor([bias[i] for i in ids], dtype=logits.dtype, device=logits.device)
 
     def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Sets the logits of the tokens a constrained row's grammar forbids to -inf, for all

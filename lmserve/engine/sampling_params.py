@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 # A request may ask for at most this many top log-probabilities per token (OpenAI allows 20).
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
     structured: StructuredOutputs | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> value added to its logit before sampling (OpenAI's: -100 bans a token, 100 all but
+    forces it); log-probabilities stay those of the model. At most MAX_LOGIT_BIAS entries."""
     """Constrain the output to JSON of a schema; it ends (finish reason stop) when the JSON is complete."""
 
     def __post_init__(self) -> None:
@@ -130,9 +134,24 @@ class SamplingParams:
         for text in self.stop:
             if not isinstance(text, str) or not text:
                 raise ValueError("stop must be a list of non-empty strings")
+        self._check_logit_bias()
         if self.structured is not None and (self.ignore_eos or self.min_tokens):
             # The grammar decides where the output ends; both would fight it.
             raise ValueError(f"{self.structured.origin} cannot be combined with ignore_eos or min_tokens")
+
+    def _check_logit_bias(self) -> None:
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError("logit_bias must map token ids to numbers")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+        checked = {}
+        for token_id, bias in self.logit_bias.items():
+            self._check_int("logit_bias token id", token_id, minimum=0)
+            value = self._check_float("logit_bias value", bias)
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
+            checked[token_id] = value
+        self.logit_bias = checked
 
     @property
     def is_greedy(self) -> bool:

@@ -86,9 +86,10 @@ class GenerationFields(StrictModel):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported")
+    def _token_ids_as_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit() or len(key) > 9:
+                raise ValueError(f"logit_bias keys must be token ids (strings of digits), got {key[:20]!r}")
         return value
 
     @model_validator(mode="after")
@@ -135,6 +136,7 @@ class GenerationFields(StrictModel):
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             structured=structured,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
         )
 
 

@@ -65,9 +65,15 @@ def sampling_params(
     prompt_logprobs: int | None = None, structured: StructuredOutputs | None = None,
 ) -> SamplingParams:
     try:
-        return body.sampling_params(max_tokens, logprobs, prompt_logprobs, state.sampling_defaults, structured)
+        params = body.sampling_params(max_tokens, logprobs, prompt_logprobs, state.sampling_defaults, structured)
     except ValueError as exc:
         raise bad_request(str(exc)) from None
+    engine = state.engine
+    vocab = engine.info.limits.vocab_size if engine is not None and engine.info is not None else None
+    if vocab is not None and params.logit_bias and max(params.logit_bias) >= vocab:
+        raise bad_request(f"logit_bias: token id {max(params.logit_bias)} is outside the vocabulary [0, {vocab})",
+                          "logit_bias")
+    return params
 
 
 def new_request_id(prefix: str) -> str:

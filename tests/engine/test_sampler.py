@@ -62,6 +62,28 @@ def test_low_temperature_sharpens():
     assert counts[2] == 200
 
 
+def test_logit_bias_bans_and_forces_tokens_and_leaves_logprobs_raw():
+    probs = [0.1, 0.2, 0.6, 0.1]
+    sampler = Sampler(4, [EOS])
+    banned = sampler(logits_for(probs), [seq(SamplingParams(temperature=0, logit_bias={2: -100}))])[0]
+    assert banned.token_id == 1
+    forced = sampler(logits_for(probs), [seq(SamplingParams(temperature=0, logit_bias={0: 100}, logprobs=1))])[0]
+    assert forced.token_id == 0 and forced.logprobs.logprob == pytest.approx(math.log(0.1), abs=1e-5)
+    counts = draw(dict(temperature=1.0, logit_bias={2: -100, 3: -100}), probs, 300)
+    assert counts[2] == counts[3] == 0 and counts[0] and counts[1]
+    # Rows without a bias in the same batch are untouched.
+    mixed = sampler(logits_for(probs).repeat(2, 1), [seq(SamplingParams(temperature=0, logit_bias={2: -100})),
+                                                    seq(SamplingParams(temperature=0))])
+    assert [r.token_id for r in mixed] == [1, 2]
+
+
+@pytest.mark.parametrize("bias, message", [({-1: 1.0}, ">= 0"), ({1: float("nan")}, "finite"), ({1: 100.5}, "-100"),
+                                           ({1: "x"}, "number")])
+def test_bad_logit_bias_is_refused(bias, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(logit_bias=bias)
+
+
 def test_min_tokens_suppresses_eos_and_stop_tokens():
     probs = [0.01, 0.01, 0.01, 0.96, 0.01]
     params = dict(temperature=0, min_tokens=2, stop_token_ids=[4])

@@ -31,7 +31,10 @@ def error_of(response: httpx.Response, status: int) -> dict:
         ({"model": MODEL_NAME, "prompt": []}, "prompt", "must not be empty"),
         ({"model": MODEL_NAME, "prompt": [1, 99999]}, None, "outside the vocabulary"),
         ({"model": MODEL_NAME, "prompt": "x", "max_tokens": 2000}, "max_tokens", "maximum context length is 1024"),
-        ({"model": MODEL_NAME, "prompt": "x", "logit_bias": {"5": 1}}, "logit_bias", "not supported"),
+        ({"model": MODEL_NAME, "prompt": "x", "logit_bias": {"five": 1}}, "logit_bias", "token ids"),
+        ({"model": MODEL_NAME, "prompt": "x", "logit_bias": {"5": 101}}, None, "[-100, 100]"),
+        ({"model": MODEL_NAME, "prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias", "outside the vocabulary"),
+        ({"model": MODEL_NAME, "prompt": "x", "logit_bias": {str(i): 1 for i in range(1025)}}, None, "at most 1024"),
         ({"prompt": "x"}, "model", "Missing required parameter"),
     ],
 )

@@ -59,6 +59,21 @@ def test_streaming_matches_non_streaming_and_usage_comes_last(client):
     assert all(c.usage is None for c in plain)
 
 
+def test_logit_bias_bans_the_greedy_token(client, tokenizer):
+    kwargs = dict(model=MODEL_NAME, prompt="The quick brown fox", max_tokens=3, temperature=0)
+    plain = client.completions.create(**kwargs)
+    prompt_len = len(tokenizer.encode("The quick brown fox"))
+
+    def output_ids(text: str) -> list[int]:
+        return tokenizer.encode("The quick brown fox" + text)[prompt_len:]
+
+    first = output_ids(plain.choices[0].text)[0]
+    banned = client.completions.create(**kwargs, logit_bias={str(first): -100})
+    assert first not in output_ids(banned.choices[0].text)
+    forced = client.completions.create(**kwargs, logit_bias={str(first): 100})
+    assert output_ids(forced.choices[0].text) == [first] * 3
+
+
 def test_continuous_usage_stats_count_the_tokens_so_far_in_every_chunk(client):
     options = {"include_usage": True, "continuous_usage_stats": True}
     for create, kwargs in ((client.chat.completions.create, {"messages": [{"role": "user", "content": "Tell me"}]}),
