@@ -18,6 +18,8 @@ class PreemptionMode(str, enum.Enum):
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu")
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "gptq", "awq")
+QUANTIZATION_GROUP_SIZES = (32, 64, 128)
 PREEMPTION_MODES = tuple(mode.value for mode in PreemptionMode)
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair", "deadline")
 DEFAULT_SWAP_SPACE_BYTES = 4 * 2**30
@@ -45,8 +47,21 @@ class ModelConfig:
     """torch (PyTorch ops, runs everywhere), cpu (C++ kernels built at install time or else at the first start: paged decode attention and fused norm, rotary and activation steps), or auto (cpu on CPUs when they build)."""
     linear_backend: str = "auto"
     """torch, onednn (weights prepacked for oneDNN: faster matrix multiplies on CPUs), or auto (onednn where it runs)."""
+    quantization: str = "auto"
+    """Weight-only quantization of the decoder's linear layers (embeddings and output head stay in dtype):
+    int8 (per output channel) or int4 (per group of quantization_group_size input columns), rounded at
+    load from a float checkpoint; gptq or awq to load such a 4-bit checkpoint (quantization_config in
+    config.json); none (a GPTQ/AWQ checkpoint then runs dequantized); auto: the checkpoint's own (gptq or
+    awq where config.json says so, else none)."""
+    quantization_group_size: int = 128
+    """Input columns that share one int4 scale and zero point when quantizing at load: 32, 64 or 128."""
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
+        if self.quantization_group_size not in QUANTIZATION_GROUP_SIZES:
+            raise ValueError(f"quantization_group_size must be one of "
+                             f"{', '.join(map(str, QUANTIZATION_GROUP_SIZES))}; got {self.quantization_group_size}")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}; got {self.linear_backend!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -7,6 +7,7 @@ No HTTP and no asyncio here; the server drives `step()` from a thread or a proce
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from lmserve.engine.kernels import tune_malloc, use_native_kernels
 from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.loader import load_model
 from lmserve.engine.outputs import SequenceOutput
+from lmserve.engine.quantization import memory_report
 from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.sampler import Sampler
 from lmserve.engine.sampling_params import SamplingParams
@@ -138,6 +140,9 @@ class Engine:
         cache = config.cache
         num_blocks = cache.num_blocks or self._blocks_from_memory(loaded)
         num_cpu_blocks = self._cpu_blocks(loaded)
+        logging.getLogger("lmserve.engine").info(memory_report(
+            loaded.quantization, loaded.dtype, loaded.weight_bytes, loaded.unquantized_weight_bytes,
+            self._block_bytes(loaded)))
         self.kv_cache = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_cpu_blocks,
                                        share_across_tenants=cache.share_prefix_cache_across_tenants)
         self.scheduler = Scheduler(

@@ -13,6 +13,12 @@ from lmserve.engine.config import ModelConfig
 from lmserve.engine.linear import choose_linear_backend, pack_linears
 from lmserve.engine.models import CausalLM, model_class
 from lmserve.engine.models.weights import iter_safetensors, safetensors_files
+from lmserve.engine.quant_checkpoints import (
+    CheckpointQuantization,
+    dequantizing_weights,
+    read_checkpoint_quantization,
+)
+from lmserve.engine.quantization import Int4Weights, quantize_model, weight_bytes
 
 DEMO_MODEL_NAMES = ("demo", "lmserve-demo")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,6 +37,12 @@ class LoadedModel:
     device: torch.device
     max_model_len: int
     eos_token_ids: list[int]
+    quantization: str = "none"
+    """none, int8, int4, gptq or awq: how the decoder's linear layers hold their weights."""
+    weight_bytes: int = 0
+    """Bytes of the weights as loaded (quantized ones at their integer size)."""
+    unquantized_weight_bytes: int = 0
+    """Bytes the same weights take in dtype."""
 
 
 def demo_model_dir() -> Path:
@@ -130,14 +142,55 @@ def load_model(config: ModelConfig) -> LoadedModel:
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()  # materialising the meta tensors gave each use its own parameter
     _reset_buffers(model)
+    method, integers = _load_weights(model, model_dir, hf_config, config)
+    model.eval()
+    unquantized_bytes = weight_bytes(model)
+    if method != "none":
+        try:
+            quantize_model(model, method, config.quantization_group_size, dtype, integers)
+        except ValueError as exc:
+            raise ModelLoadError(f"cannot quantize {model_dir} to {method}: {exc}") from None
+    quantized_bytes = weight_bytes(model)
+    if choose_linear_backend(config.linear_backend, device, dtype) == "onednn":
+        pack_linears(model)  # the layers left in float (the output head at least)
+    return LoadedModel(model, model_dir, hf_config, dtype, device, max_model_len, eos_token_ids(model_dir, hf_config),
+                       method, quantized_bytes, unquantized_bytes)
+
+
+def _load_weights(model: Any, model_dir: Path, hf_config: dict[str, Any],
+                  config: ModelConfig) -> tuple[str, dict[str, Int4Weights] | None]:
+    """Loads the checkpoint into the float model; returns the quantization to apply and, for a
+    GPTQ/AWQ checkpoint run as such, its integers by checkpoint layer name."""
     try:
-        model.load_weights(iter_safetensors(safetensors_files(model_dir)))
+        checkpoint = read_checkpoint_quantization(model_dir, hf_config)
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot load {model_dir}: {exc}") from None
+    method = resolve_quantization(config.quantization, checkpoint, model_dir)
+    if checkpoint is not None and not hasattr(type(model), "FUSED"):
+        raise ModelLoadError(f"cannot load {model_dir}: {checkpoint.method} checkpoints load for the Llama, "
+                             "Mistral and Qwen families only")
+    integers: dict[str, Int4Weights] = {}
+    weights = iter_safetensors(safetensors_files(model_dir))
+    try:
+        if checkpoint is not None:
+            weights = dequantizing_weights(weights, checkpoint, integers)
+        model.load_weights(weights)
     except ValueError as exc:
         raise ModelLoadError(f"cannot load weights of {model_dir}: {exc}") from None
-    model.eval()
-    if choose_linear_backend(config.linear_backend, device, dtype) == "onednn":
-        pack_linears(model)
-    return LoadedModel(model, model_dir, hf_config, dtype, device, max_model_len, eos_token_ids(model_dir, hf_config))
+    return method, integers if checkpoint is not None and method == checkpoint.method else None
+
+
+def resolve_quantization(requested: str, checkpoint: CheckpointQuantization | None, model_dir: Path) -> str:
+    """The quantization to run: none, int8, int4, gptq or awq (auto: the checkpoint's own)."""
+    if checkpoint is None:
+        if requested in ("gptq", "awq"):
+            raise ModelLoadError(f"quantization {requested} needs a checkpoint quantized with {requested}, and {model_dir} "
+                                 "has no quantization_config: use int8 or int4 to quantize its float weights at load")
+        return "none" if requested == "auto" else requested
+    if requested in ("auto", checkpoint.method, "none"):
+        return checkpoint.method if requested == "auto" else requested
+    raise ModelLoadError(f"{model_dir} is a {checkpoint.method} checkpoint: use quantization auto or "
+                         f"{checkpoint.method}, or none to run its weights dequantized to dtype (not {requested})")
 
 
 def _reset_buffers(model: torch.nn.Module) -> None:
