@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from lmserve.gateway.backends import Backend, ModelPool
 from lmserve.gateway.config import HealthConfig
 from lmserve.gateway.upstream import UpstreamError, UpstreamPool
+from lmserve.gateway.waiter import stop_task
 
 log = logging.getLogger("lmserve.gateway")
 
@@ -128,9 +129,4 @@ class HealthChecker:
             backend.is_healthy = healthy
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)

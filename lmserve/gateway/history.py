@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from lmserve.gateway.metrics import GatewayMetrics
+from lmserve.gateway.waiter import stop_task
 
 INTERVAL_SECONDS = 2.0
 """How often a point is taken: often enough for "live", cheap (a walk over a few dict entries)."""
@@ -119,9 +120,4 @@ class TrafficHistory:
             await asyncio.sleep(self.interval)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)

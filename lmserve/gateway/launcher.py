@@ -35,6 +35,7 @@ from lmserve.gateway.metrics import GatewayMetrics
 from lmserve.gateway.model_modes import LaunchConfig
 from lmserve.gateway.router import Router
 from lmserve.gateway.upstream import UpstreamError, UpstreamPool
+from lmserve.gateway.waiter import stop_task
 
 log = logging.getLogger("lmserve.gateway.launcher")
 STOP_GRACE = 30.0
@@ -85,8 +86,7 @@ class Launcher:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        await stop_task(self._sweeper)
         await asyncio.gather(*(self._stop(m, "shutdown") for m in self.models.values() if m.process is not None),
                              return_exceptions=True)
 

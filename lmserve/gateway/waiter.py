@@ -1,4 +1,5 @@
-"""A one-shot wake-up for protocol callbacks: one coroutine waits until a callback calls `wake()`.
+"""Small asyncio helpers: a one-shot wake-up for protocol callbacks (one coroutine waits until a
+callback calls `wake()`), and stopping a background task.
 
 asyncio.Event would do, but it keeps a set of waiters and a flag; here a wake with nobody waiting is
 simply dropped (the waiter re-checks its condition before it waits again), which is what the
@@ -28,3 +29,14 @@ class Waiter:
             await self.future
         finally:
             self.future = None
+
+
+async def stop_task(task: asyncio.Task[None] | None) -> None:
+    """Cancels a background task and waits until it has ended (its cancellation is not an error)."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
