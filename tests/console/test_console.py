@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import httpx
+import openai
 from playwright.sync_api import Route, expect
 
 from tests.console.conftest import ADMIN_KEY, MODEL, ConsolePage, Stack, screenshot
@@ -176,6 +177,42 @@ def test_admin_creates_a_key_that_works_then_revokes_it(console: ConsolePage, st
     assert len(mine) == 1 and mine[0]["model"] == MODEL and int(mine[0]["requests"]) == 1
     assert int(mine[0]["completion_tokens"]) >= 1
     screenshot(page, "usage")
+
+
+def test_user_follows_batch_jobs_downloads_the_output_and_cancels_one(console: ConsolePage, stack: Stack) -> None:
+    key = str(stack.create_key("batch-user")["key"])
+    client = openai.OpenAI(base_url=stack.gateway.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def submit(lines: int, max_tokens: int) -> str:
+        rows = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                 "body": {"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": f"Hi {i}"}]}}
+                for i in range(lines)]
+        upload = client.files.create(file=("in.jsonl", "\n".join(json.dumps(r) for r in rows).encode()),
+                                     purpose="batch")
+        return client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h").id
+
+    small = submit(2, 4)
+    console.sign_in(key)
+    page = console.page
+    page.get_by_role("button", name="Batches").click()
+    row = page.locator(f'#batches-table tr[data-batch="{small}"]')
+    expect(row.locator(".status")).to_have_text("completed", timeout=WAIT_MS)  # the view polls while it runs
+    expect(row).to_contain_text("2 done, 0 failed of 2")
+    with page.expect_download() as download:
+        row.get_by_role("button", name=f"Download the output of batch {small}").click()
+    output = [json.loads(line) for line in open(download.value.path()).read().splitlines()]
+    assert sorted(line["custom_id"] for line in output) == ["r0", "r1"]
+    assert all(line["response"]["status_code"] == 200 for line in output)
+
+    big = submit(40, 64)
+    page.get_by_role("button", name="Refresh").click()
+    page.get_by_role("button", name=f"Cancel batch {big}").click()
+    status = page.locator(f'#batches-table tr[data-batch="{big}"] .status')
+    expect(status).to_have_text(re.compile("^(cancelling|cancelled)$"), timeout=WAIT_MS)
+    assert client.batches.retrieve(big).status in ("cancelling", "cancelled")
+    screenshot(page, "batches")
+    assert not console.unexpected_errors()
 
 
 def test_status_json_has_server_load_and_traffic_history(stack: Stack) -> None:

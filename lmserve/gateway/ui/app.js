@@ -4,8 +4,9 @@ import { $, showError } from "./dom.js";
 import { ChatView } from "./chat.js";
 import { StatusView } from "./status.js";
 import { KeysView, UsageView } from "./admin.js";
+import { BatchesView } from "./batches.js";
 
-const VIEWS = { user: ["chat"], admin: ["status", "keys", "usage"] };
+const VIEWS = { user: ["chat", "batches"], admin: ["status", "keys", "usage"] };
 const controllers = {};
 
 function showView(name) {
@@ -35,6 +36,7 @@ function signedIn(session) {
     controllers.status = new StatusView();
     controllers.keys = new KeysView();
     controllers.usage = new UsageView();
+    controllers.batches = new BatchesView();
   }
   showView(allowed[0]);
 }
