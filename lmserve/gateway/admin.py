@@ -13,6 +13,7 @@
   POST   /admin/backends/undrain      {model, url}: a drained backend takes new requests again
   POST   /admin/backends/remove       {model, url} (also DELETE /admin/backends with that body)
   GET    /admin/health                backend health, readiness and breaker states
+  GET    /admin/batches[?limit=50]    every key's batch jobs, newest first, with their owner
   GET    /admin/models                on-demand models (launch): state, pinned, in flight
   POST   /admin/models/{name}/{action}  load (waits until ready), unload, pin, unpin
   GET    /admin/status                models and backends with their servers' load (queue, KV cache)
@@ -30,6 +31,7 @@ from urllib.parse import parse_qs
 
 from lmserve.gateway.asgi import Receive, Send, header_map, read_body, send_json
 from lmserve.gateway.auth import Authenticator
+from lmserve.gateway.batches.store import BatchStore
 from lmserve.gateway.config import BackendConfig
 from lmserve.gateway.errors import GatewayError, bad_request, not_found, unauthorized
 from lmserve.gateway.keystore import KeyStore
@@ -49,6 +51,8 @@ class AdminAPI:
         self.router = router
         self.launcher = launcher
         self.status = status
+        self.batch_store: BatchStore | None = None
+        """Set once the batch service has started (config.batch.enabled)."""
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         try:
@@ -82,6 +86,8 @@ class AdminAPI:
             return 201, await self._create_key(body)
         if len(parts) == 2 and parts[0] == "keys" and method == "DELETE":
             return await self._revoke(parts[1])
+        if parts == ["batches"] and method == "GET":
+            return 200, {"data": await self._batches(query)}
         if parts == ["usage"] and method == "GET":
             return 200, {"data": await asyncio.to_thread(self.store.usage, query.get("key_id"))}
         if parts == ["usage", "series"] and method == "GET":
@@ -103,6 +109,18 @@ class AdminAPI:
         if parts[:1] == ["backends"] and method in ("POST", "DELETE"):
             return self._change_backend(parts[1:], method, body)
         raise not_found(f"No admin route {method} {path}.")
+
+    async def _batches(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        if self.batch_store is None:
+            raise not_found("Batch jobs are off on this gateway (batch.enabled: false).")
+        try:
+            limit = int(query.get("limit", "50"))
+        except ValueError:
+            raise bad_request("limit must be an integer from 1 to 200.", "limit") from None
+        if not 1 <= limit <= 200:
+            raise bad_request("limit must be an integer from 1 to 200.", "limit")
+        records = await asyncio.to_thread(self.batch_store.recent_batches, limit)
+        return [{**record.as_openai(), "owner": record.owner} for record in records]
 
     async def _create_key(self, body: dict[str, Any]) -> dict[str, Any]:
         expires = body.get("expires_at")

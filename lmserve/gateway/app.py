@@ -110,6 +110,7 @@ class Gateway:
         self.ledger.start()
         if config.batch.enabled:
             self.batches = await BatchService.start(config, store.engine, self.handler, auth)
+            self.admin.batch_store = self.batches.api.store
         self.history.start(lambda: list(self.router.pools))
         await self.discovery.start()
         self.health.start()

@@ -212,7 +212,16 @@ def test_user_follows_batch_jobs_downloads_the_output_and_cancels_one(console: C
     expect(status).to_have_text(re.compile("^(cancelling|cancelled)$"), timeout=WAIT_MS)
     assert client.batches.retrieve(big).status in ("cancelling", "cancelled")
     screenshot(page, "batches")
-    assert not console.unexpected_errors()
+
+    # The administrator sees both jobs with their owner, and cannot touch their files.
+    page.get_by_role("button", name="Sign out").click()
+    console.sign_in(ADMIN_KEY, role="admin")
+    page.get_by_role("button", name="Batches").click()
+    for batch_id in (small, big):
+        expect(page.locator(f'#batches-table tr[data-batch="{batch_id}"]')).to_contain_text("owner ", timeout=WAIT_MS)
+    assert page.locator("#batches-table button").count() == 0
+    assert stack.admin("GET", "/admin/batches", params={"limit": "0"}).status_code == 400
+    assert httpx.get(stack.gateway.url + "/admin/batches").status_code == 401
 
 
 def test_status_json_has_server_load_and_traffic_history(stack: Stack) -> None:

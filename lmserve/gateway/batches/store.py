@@ -147,6 +147,12 @@ class BatchStore:
         with self.engine.connect() as conn:
             return [batch_from_row(r) for r in conn.execute(query).all()]
 
+    def recent_batches(self, limit: int) -> list[BatchRecord]:
+        """Every owner's batches, newest first (the admin's view)."""
+        query = batches.select().order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [batch_from_row(r) for r in conn.execute(query).all()]
+
     @staticmethod
     def _page(query: sa.Select, table: sa.Table, owner: str, after: str | None, limit: int) -> sa.Select:
         """Newest first, ties broken by id; `after` an id: the rows that come after it in that order."""

@@ -6,7 +6,7 @@ import { StatusView } from "./status.js";
 import { KeysView, UsageView } from "./admin.js";
 import { BatchesView } from "./batches.js";
 
-const VIEWS = { user: ["chat", "batches"], admin: ["status", "keys", "usage"] };
+const VIEWS = { user: ["chat", "batches"], admin: ["status", "keys", "usage", "batches"] };
 const controllers = {};
 
 function showView(name) {

@@ -1,5 +1,7 @@
-// The signed-in key's batch jobs (/v1/batches): progress, the output and error files, cancel.
-import { ApiError, errorMessage, json, request } from "./api.js";
+// Batch jobs. A user sees the key's own (/v1/batches): progress, the output and error files, cancel.
+// The administrator sees every key's jobs with their owner (/admin/batches), read only: the files
+// belong to their owners.
+import { ApiError, currentSession, errorMessage, json, request } from "./api.js";
 import { $, el, formatNumber, showError } from "./dom.js";
 
 const FINISHED = new Set(["completed", "failed", "expired", "cancelled"]);
@@ -33,8 +35,12 @@ export class BatchesView {
   async load() {
     clearTimeout(this.timer);
     try {
-      const page = await json("GET", "/v1/batches?limit=50");
-      const rows = page.data.map((batch) => this.row(batch));
+      const isAdmin = currentSession()?.role === "admin";
+      $("#batches-scope").textContent = isAdmin
+        ? "Every key's jobs (/admin/batches), newest first, with the tenant or key that owns each; read only."
+        : "This key's jobs (/v1/batches), newest first.";
+      const page = await json("GET", isAdmin ? "/admin/batches?limit=50" : "/v1/batches?limit=50");
+      const rows = page.data.map((batch) => this.row(batch, isAdmin));
       $("#batches-table tbody").replaceChildren(...rows);
       $("#batches-empty").hidden = rows.length > 0;
       showError($("#batches-error"), "");
@@ -47,9 +53,14 @@ export class BatchesView {
     }
   }
 
-  row(batch) {
+  row(batch, isAdmin) {
     const counts = batch.request_counts || { total: 0, completed: 0, failed: 0 };
     const actions = el("td");
+    const idCell = el("td", {}, el("code", { text: batch.id }));
+    if (isAdmin) {
+      idCell.append(el("div", { class: "hint", text: `owner ${batch.owner}` }));
+      return el("tr", { "data-batch": batch.id }, idCell, ...this.cells(batch, counts), actions);
+    }
     for (const [fileId, label, name] of [[batch.output_file_id, "Output", "output"], [batch.error_file_id, "Errors", "errors"]]) {
       if (!fileId) continue;
       const button = el("button", { type: "button", class: "secondary small", text: label,
@@ -63,13 +74,16 @@ export class BatchesView {
       cancel.addEventListener("click", () => this.cancel(batch));
       actions.append(cancel);
     }
-    return el("tr", { "data-batch": batch.id },
-      el("td", {}, el("code", { text: batch.id })),
+    return el("tr", { "data-batch": batch.id }, idCell, ...this.cells(batch, counts), actions);
+  }
+
+  cells(batch, counts) {
+    return [
       el("td", { class: "status", text: batch.status }),
       el("td", { text: batch.endpoint }),
       el("td", { text: when(batch.created_at) }),
       el("td", { class: "num", text: `${formatNumber(counts.completed)} done, ${formatNumber(counts.failed)} failed of ${formatNumber(counts.total)}` }),
-      actions);
+    ];
   }
 
   async cancel(batch) {
