@@ -224,6 +224,43 @@ def test_user_follows_batch_jobs_downloads_the_output_and_cancels_one(console: C
     assert httpx.get(stack.gateway.url + "/admin/batches").status_code == 401
 
 
+CONTRAST_JS = """() => {
+  const parse = (c) => { const m = c.match(/rgba?\\(([^)]+)\\)/); if (!m) return null;
+    const p = m[1].split(",").map(Number); return { r: p[0], g: p[1], b: p[2], a: p.length > 3 ? p[3] : 1 }; };
+  const lum = ({ r, g, b }) => { const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+  const background = (el) => { for (let e = el; e; e = e.parentElement) {
+    const c = parse(getComputedStyle(e).backgroundColor); if (c && c.a > 0) return c; } return { r: 255, g: 255, b: 255 }; };
+  const failures = [];
+  for (const el of document.querySelectorAll("body *")) {
+    if (!el.offsetParent || el.disabled) continue;  // hidden, SVG, or disabled (WCAG exempts those)
+    if (![...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim())) continue;
+    const style = getComputedStyle(el);
+    const size = parseFloat(style.fontSize), bold = parseInt(style.fontWeight, 10) >= 700;
+    const needed = size >= 24 || (size >= 18.66 && bold) ? 3 : 4.5;  // large text needs 3:1
+    const [hi, lo] = [lum(parse(style.color)), lum(background(el))].sort((a, b) => b - a);
+    const ratio = (hi + 0.05) / (lo + 0.05);
+    if (ratio < needed) failures.push(`${el.tagName} "${el.textContent.trim().slice(0, 30)}": ${ratio.toFixed(2)}`);
+  }
+  return failures;
+}"""
+
+
+def test_text_meets_wcag_aa_contrast_in_every_view(console: ConsolePage, stack: Stack) -> None:
+    page = console.open()
+    expect(page.get_by_label("Key", exact=True)).to_be_visible(timeout=WAIT_MS)
+    failures = {"signin": page.evaluate(CONTRAST_JS)}
+    for role, key, views in (("user", str(stack.create_key("contrast")["key"]), ["Chat", "Batches"]),
+                             ("admin", ADMIN_KEY, ["Status", "Keys", "Usage", "Batches"])):
+        console.sign_in(key, role=role)
+        for view in views:
+            page.get_by_role("button", name=view, exact=True).click()
+            page.wait_for_load_state("networkidle")
+            failures[f"{role}/{view}"] = page.evaluate(CONTRAST_JS)
+        page.get_by_role("button", name="Sign out").click()
+    assert {name: found for name, found in failures.items() if found} == {}
+
+
 def test_status_json_has_server_load_and_traffic_history(stack: Stack) -> None:
     key = str(stack.create_key("history")["key"])
     httpx.post(stack.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=60,
