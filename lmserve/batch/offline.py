@@ -116,7 +116,7 @@ def response_body(item: Prepared, out: RequestOutput) -> dict[str, Any]:
         chat_choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text), logprobs=None,
                                    finish_reason=o.finish_reason) for o in out.outputs]
         return ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=created, model=item.request.model,
-                                      choices=chat_choices, usage=usage).model_dump()
+                                      choices=chat_choices, usage=usage).as_openai()
     choices = [CompletionChoice(index=o.index, text=o.text, logprobs=None, finish_reason=o.finish_reason)
                for o in out.outputs]
     return CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=created, model=item.request.model,

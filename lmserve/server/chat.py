@@ -196,11 +196,7 @@ async def create_chat_completion(body: ChatCompletionRequest, http: Request, sta
                                        tool_calls=[ToolCall.model_validate(c) for c in tool_calls or []] or None)
             choices.append(ChatChoice(index=i, message=message, finish_reason=finish_reason_of(body, writers[i], reasons[i]),
                                       logprobs=chat_logprobs(tokenizer, logprobs[i], top) if body.logprobs else None))
-        response = ChatCompletionResponse(id=request_id, created=created, model=state.model_name,
-                                          choices=choices, usage=usage_of([generation])).model_dump()
-        for choice in response["choices"]:
-            if choice["message"]["tool_calls"] is None:
-                del choice["message"]["tool_calls"]
-        return json_response(response)
+        return json_response(ChatCompletionResponse(id=request_id, created=created, model=state.model_name,
+                                                    choices=choices, usage=usage_of([generation])).as_openai())
 
     return await respond(http, accounting, body.stream, events, collect)

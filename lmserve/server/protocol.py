@@ -355,6 +355,14 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
 
+    def as_openai(self) -> dict[str, Any]:
+        """The JSON body, as OpenAI sends it: a message without tool calls has no `tool_calls` key."""
+        body = self.model_dump()
+        for choice in body["choices"]:
+            if choice["message"]["tool_calls"] is None:
+                del choice["message"]["tool_calls"]
+        return body
+
 
 class ModelCard(BaseModel):
     id: str
