@@ -70,8 +70,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """Module-scoped: Playwright's sync API runs an event loop in this thread while it is open, and
+    later tests that call asyncio.run() in the same session fail until it is closed."""
     if shutil.which(CHROMIUM) is None:
         pytest.fail(f"{CHROMIUM} is missing: run scripts/install-test-deps.sh (installs Debian's chromium)")
     with sync_playwright() as playwright:
