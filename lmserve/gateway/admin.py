@@ -31,6 +31,7 @@ from urllib.parse import parse_qs
 
 from lmserve.gateway.asgi import Receive, Send, header_map, read_body, send_json
 from lmserve.gateway.auth import Authenticator
+from lmserve.gateway.batches.api import page_limit
 from lmserve.gateway.batches.store import BatchStore
 from lmserve.gateway.config import BackendConfig
 from lmserve.gateway.errors import GatewayError, bad_request, not_found, unauthorized
@@ -113,13 +114,7 @@ class AdminAPI:
     async def _batches(self, query: dict[str, str]) -> list[dict[str, Any]]:
         if self.batch_store is None:
             raise not_found("Batch jobs are off on this gateway (batch.enabled: false).")
-        try:
-            limit = int(query.get("limit", "50"))
-        except ValueError:
-            raise bad_request("limit must be an integer from 1 to 200.", "limit") from None
-        if not 1 <= limit <= 200:
-            raise bad_request("limit must be an integer from 1 to 200.", "limit")
-        records = await asyncio.to_thread(self.batch_store.recent_batches, limit)
+        records = await asyncio.to_thread(self.batch_store.recent_batches, page_limit(query, 50, 200))
         return [{**record.as_openai(), "owner": record.owner} for record in records]
 
     async def _create_key(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -66,13 +66,14 @@ def _page(items: list[Any], limit: int) -> dict[str, Any]:
             "first_id": shown[0].id if shown else None, "last_id": shown[-1].id if shown else None}
 
 
-def _limit(query: dict[str, str]) -> int:
+def page_limit(query: dict[str, str], default: int = 20, maximum: int = 10_000) -> int:
+    """The `limit` query parameter, 1..maximum; a 400 naming it otherwise."""
     try:
-        limit = int(query.get("limit", "20"))
+        limit = int(query.get("limit", str(default)))
     except ValueError:
         raise bad_request("limit must be an integer.", "limit") from None
-    if not 1 <= limit <= 10_000:
-        raise bad_request("limit must be between 1 and 10000.", "limit")
+    if not 1 <= limit <= maximum:
+        raise bad_request(f"limit must be between 1 and {maximum}.", "limit")
     return limit
 
 
@@ -169,7 +170,7 @@ class BatchAPI:
         owner = owner_of(principal)
         kind, item_id = parts[0], parts[1] if len(parts) == 2 else None
         if method == "GET" and len(parts) == 1:
-            limit = _limit(query)
+            limit = page_limit(query)
             if kind == "files":
                 files = await asyncio.to_thread(self.store.list_files, owner, query.get("purpose"),
                                                 query.get("after"), limit + 1)
